@@ -1,0 +1,122 @@
+"""The Phi-3 decoder stack, used as a plain transformer (no vocabulary, no LM head).
+
+Per layer: pre-RMSNorm -> fused QKV (no bias) -> RoPE -> masked attention -> o_proj -> residual;
+pre-RMSNorm -> fused gate_up -> SwiGLU -> down -> residual. A final RMSNorm closes the stack.
+
+Parameters are stored stacked over layers (a leading `layers` axis): the same tree serves a
+`lax.scan` over layers (`scan_layers=True`, one compiled layer) and an unrolled Python loop, and
+maps one-to-one onto Hugging Face `Phi3Model` weights. Each parameter carries logical axis names
+(`logical_axes` metadata) that `vgpt_jax.sharding` maps to mesh axes.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vgpt_jax import attention
+from vgpt_jax.config import ModelConfig, dtype_of
+from vgpt_jax.layout import TokenMeta
+from vgpt_jax.model import rope
+from vgpt_jax.sharding import constrain
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LayerKV(NamedTuple):
+    """Keys and values (after RoPE) of every layer: [layers, B, S, KV, D] each."""
+    k: jax.Array
+    v: jax.Array
+
+
+def rms_norm(x, weight, eps):
+    """Phi-3 RMSNorm: normalise in float32, scale in the input dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+class DecoderStack(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        n, d, m = cfg.num_layers, cfg.hidden_size, cfg.mlp_dim
+        qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        pdt = dtype_of(cfg.param_dtype)
+        normal = nnx.initializers.normal(cfg.init_std)
+        param = lambda shape, axes, init=normal: nnx.Param(
+            init(rngs.params(), shape, pdt), logical_axes=axes)
+        ones = lambda k, s, dt: jnp.ones(s, dt)
+        self.input_norm = param((n, d), ("layers", "norm"), ones)
+        self.qkv_proj = param((n, d, qkv), ("layers", "embed", "qkv"))
+        self.o_proj = param((n, cfg.num_heads * cfg.head_dim, d), ("layers", "heads", "embed"))
+        self.post_attention_norm = param((n, d), ("layers", "norm"), ones)
+        self.gate_up_proj = param((n, d, 2 * m), ("layers", "embed", "mlp"))
+        self.down_proj = param((n, m, d), ("layers", "mlp", "embed"))
+        self.final_norm = param((d,), ("norm",), ones)
+
+    def _layer_params(self):
+        return dict(input_norm=self.input_norm[...], qkv_proj=self.qkv_proj[...],
+                    o_proj=self.o_proj[...], post_attention_norm=self.post_attention_norm[...],
+                    gate_up_proj=self.gate_up_proj[...], down_proj=self.down_proj[...])
+
+    def __call__(self, x_BTD, positions_BT, meta: TokenMeta, block_len: int, *,
+                 cache: LayerKV | None = None, cache_meta: TokenMeta | None = None,
+                 return_kv: bool = False):
+        """Run the stack.
+
+        x_BTD: input embeddings; positions_BT: RoPE positions; meta: token metadata [B, T].
+        cache / cache_meta: keys and values of earlier tokens that the T tokens also attend to
+        (the sampler's clean history), prepended to each layer's own keys and values.
+        Returns hidden states [B, T, D] after the final norm, and with `return_kv` this call's
+        own per-layer keys and values (to build a cache).
+        """
+        cfg = self.cfg
+        cdt = dtype_of(cfg.dtype)
+        cos, sin = rope.rope_tables(cfg, positions_BT)
+        kv_meta = meta if cache is None else TokenMeta(
+            *(jnp.concatenate([c, m], axis=1) for c, m in zip(cache_meta, meta)))
+        b, t, _ = x_BTD.shape
+        h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        def layer(x, p_and_cache):
+            p, layer_cache = p_and_cache
+            p = jax.tree.map(lambda a: a.astype(cdt), p)
+            y = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
+            qkv = jnp.einsum("btd,de->bte", y, p["qkv_proj"])
+            q = qkv[..., : h * hd].reshape(b, t, h, hd)
+            k = qkv[..., h * hd: (h + kvh) * hd].reshape(b, t, kvh, hd)
+            v = qkv[..., (h + kvh) * hd:].reshape(b, t, kvh, hd)
+            q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+            k_all, v_all = k, v
+            if layer_cache is not None:
+                k_all = jnp.concatenate([layer_cache.k.astype(cdt), k], axis=1)
+                v_all = jnp.concatenate([layer_cache.v.astype(cdt), v], axis=1)
+            o = attention.attend(q, k_all, v_all, meta, kv_meta, block_len, cfg.attention)
+            x = x + jnp.einsum("bte,ed->btd", o.reshape(b, t, h * hd), p["o_proj"])
+            y = rms_norm(x, p["post_attention_norm"], cfg.rms_norm_eps)
+            gate, up = jnp.split(jnp.einsum("btd,dm->btm", y, p["gate_up_proj"]), 2, axis=-1)
+            x = x + jnp.einsum("btm,md->btd", up * jax.nn.silu(gate), p["down_proj"])
+            x = constrain(x, ("batch", "sequence", "embed"))
+            return x, (LayerKV(k, v) if return_kv else None)
+
+        if cfg.remat_policy != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat_policy])
+        params = self._layer_params()
+        x = constrain(x_BTD.astype(cdt), ("batch", "sequence", "embed"))
+        if cfg.scan_layers:
+            x, kv = jax.lax.scan(layer, x, (params, cache))
+        else:
+            kvs = []
+            for i in range(cfg.num_layers):
+                layer_slice = lambda tree: jax.tree.map(lambda a: a[i], tree)
+                x, kv_i = layer(x, (layer_slice(params), layer_slice(cache)))
+                kvs.append(kv_i)
+            kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if return_kv else None
+        x = rms_norm(x, self.final_norm[...].astype(cdt), cfg.rms_norm_eps)
+        return (x, kv) if return_kv else x
