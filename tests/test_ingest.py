@@ -193,6 +193,8 @@ def test_make_latent_space_specs(tmp_path):
         make_latent_space("nonsense")
     with pytest.raises(ValueError, match="crop_multiple 16 is not a multiple"):
         ingest_folder(tmp_path, tmp_path / "s", "space_to_depth:32", progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ingest_folder(tmp_path / "missing", tmp_path / "s")
 
 
 def test_tfds_source_with_a_fake_catalog(tmp_path, monkeypatch):

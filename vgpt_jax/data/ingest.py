@@ -10,7 +10,12 @@ its encoded store record (`<key>.rec`) or why it was skipped (`<key>.skip.json`)
 same settings only processes videos without a journal entry. When every video has one, the shards
 are written from the journal in sorted-path order, renamed into place, and `manifest.json` is
 written last; so a crash at any point leaves either a resumable journal or a complete store, and an
-interrupted-then-resumed run produces exactly the store of an uninterrupted one.
+interrupted-then-resumed run produces exactly the store of an uninterrupted one. The journal
+briefly doubles the disk space of the latents; it is deleted once the store is complete.
+
+Each record's `fps` is the rate of the *stored* frames (source fps / frame_stride); the source fps
+and size are kept in the record header's `extra`. Latents are the encoder's deterministic output
+(`seed=None`: the posterior mean for a VAE), so reruns and resumes are reproducible.
 """
 from __future__ import annotations
 
@@ -104,11 +109,19 @@ def describe_latent_space(space, spec=None) -> str:
     return f"{type(space).__name__}(downsample={space.downsample}, channels={space.channels})"
 
 
-def encode_in_batches(space, frames_THW3: np.ndarray, batch: int) -> np.ndarray:
-    """uint8 `[T, H, W, 3]` -> float32 `[T, H/d, W/d, C]`, `batch` frames per encode call."""
-    parts = [np.asarray(space.encode(frames_THW3[i:i + batch]), np.float32)
-             for i in range(0, len(frames_THW3), batch)]
-    return np.concatenate(parts, axis=0)
+def encode_in_batches(space, frames_THW3: np.ndarray, batch: int, dtype=np.float32) -> np.ndarray:
+    """uint8 `[T, H, W, 3]` -> `[T, H/d, W/d, C]` in `dtype`, `batch` frames per encode call.
+
+    Each batch is cast into a preallocated output, so peak memory is one float32 batch plus the
+    result in `dtype` (half of float32 for float16 storage), not a list of float32 parts.
+    """
+    out = None
+    for i in range(0, len(frames_THW3), batch):
+        part = np.asarray(space.encode(frames_THW3[i:i + batch]))
+        if out is None:
+            out = np.empty((len(frames_THW3),) + part.shape[1:], dtype)
+        out[i:i + len(part)] = part
+    return out
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -170,8 +183,10 @@ def _decode_job(path: str, rel: str, config: IngestConfig):
 
 # ----------------------------------------------------------------------------- journal
 
-def _journal_key(rel: str) -> str:
-    digest = hashlib.sha1(rel.encode("utf-8")).hexdigest()[:16]
+def _journal_key(input_dir: str, rel: str) -> str:
+    # Size and mtime are part of the key: a file replaced between runs is re-ingested, not reused.
+    stat = os.stat(os.path.join(input_dir, rel))
+    digest = hashlib.sha1(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}".encode("utf-8")).hexdigest()[:16]
     readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(rel))[:48]
     return f"{digest}-{readable}"
 
@@ -214,6 +229,8 @@ def ingest_folder(input_dir: str, output: str, latent_space="space_to_depth:8", 
     """
     config = config or IngestConfig()
     started = time.time()
+    if not os.path.isdir(input_dir):
+        raise FileNotFoundError(f"{input_dir}: input folder does not exist")
     space = make_latent_space(latent_space)
     if config.crop_multiple % space.downsample:
         raise ValueError(f"crop_multiple {config.crop_multiple} is not a multiple of the latent space's "
@@ -237,8 +254,10 @@ def ingest_folder(input_dir: str, output: str, latent_space="space_to_depth:8", 
             raise store_lib.StoreError(f"{manifest_path}: a store with different settings exists "
                                        f"(pass overwrite=True / --overwrite)")
         shutil.rmtree(work, ignore_errors=True)  # a crash after finalizing can leave it behind
-        with open(summary_path) as f:
-            summary = json.load(f)
+        summary = {}
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
         summary["already_complete"] = True
         return summary
 
@@ -253,7 +272,7 @@ def ingest_folder(input_dir: str, output: str, latent_space="space_to_depth:8", 
         store_lib._atomic_write_json(settings_path, settings)
 
     videos = find_videos(input_dir)
-    keys = {rel: _journal_key(rel) for rel in videos}
+    keys = {rel: _journal_key(input_dir, rel) for rel in videos}
     done = {name for name in os.listdir(work) if name.endswith((".rec", ".skip.json"))}
     pending = [rel for rel in videos if keys[rel] + ".rec" not in done and keys[rel] + ".skip.json" not in done]
     resumed = len(videos) - len(pending)
@@ -262,7 +281,7 @@ def ingest_folder(input_dir: str, output: str, latent_space="space_to_depth:8", 
     def commit(result) -> None:
         if result[0] == "ok":
             _, rel, frames, fps, meta = result
-            latents = encode_in_batches(space, frames, config.encode_batch)
+            latents = encode_in_batches(space, frames, config.encode_batch, store_lib.STORAGE_DTYPES[config.dtype])
             # fps of the *stored* frames: striding slows the clock (stride 4 at 30 fps -> 7.5 fps)
             record = store_lib.encode_record(latents, fps=fps / config.frame_stride, source=rel, num_frames=len(frames),
                                              dtype=config.dtype, latent_space=description, extra=meta)
@@ -320,7 +339,7 @@ def _write_shards(output, work, videos, keys, config, description, settings):
             with open(rec_path, "rb") as f:
                 record = f.read()
             writer.add_encoded(record)
-            header, _ = store_lib.decode_record(record, where=rec_path)
+            header = store_lib.read_header(record, where=rec_path)
             ingested.append(rel)
             total_frames += header["num_frames"]
         else:
@@ -370,7 +389,7 @@ def ingest_arrays(items: Iterable[tuple[np.ndarray, float, str]], output: str, l
         for frames, fps, name in items:
             frames = np.asarray(frames)[::frame_stride]
             space.check_frames(frames, what=name)
-            latents = encode_in_batches(space, frames, encode_batch)
+            latents = encode_in_batches(space, frames, encode_batch, store_lib.STORAGE_DTYPES[dtype])
             writer.add(latents, fps=fps / frame_stride, source=name, num_frames=len(frames),
                        extra={"stride": frame_stride, "source_fps": fps})
     return store_lib.LatentStore(output)

