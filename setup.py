@@ -13,6 +13,7 @@ CORE = [
     "huggingface_hub>=0.20",
     "av>=14",
     "numpy>=1.26",
+    "scipy>=1.11",
     "absl-py",
     "tqdm",
     "tensorboardX",
