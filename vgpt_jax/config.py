@@ -184,3 +184,128 @@ def num_image_tokens(cfg: ModelConfig, latent_h: int, latent_w: int) -> int:
 def block_len_for(cfg: ModelConfig, latent_h: int, latent_w: int) -> int:
     """Tokens per frame block: the image tokens plus two markers (`[<diff>, t, img]` or `[<img>, img, </img>]`)."""
     return num_image_tokens(cfg, latent_h, latent_w) + 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Full training runs: `get_train_config()` is the skeleton every `configs/*.py` file edits.
+
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+LR_SCHEDULES = ("constant_with_warmup", "cosine", "linear")
+CLIP_MODES = ("random", "one_frame", "single")
+
+# Logical axis -> mesh axes. Parameters: matrices are split over `fsdp` on their model dimension
+# and over `tensor` on their head/mlp dimension (ZeRO-3 style + Megatron style); the stacked
+# `layers` axis stays whole (each scan step needs its full layer). Activations: the batch over
+# `data` and `fsdp`, the token sequence over `context`. A logical name missing here is replicated.
+DEFAULT_LOGICAL_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("sequence", "context"),
+    ("embed", "fsdp"),
+    ("qkv", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("mlp_in", "tensor"),
+    ("time_freq", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("patch", None),
+    ("markers", None),
+)
+
+
+def get_train_config(model: str = "tiny") -> ml_collections.ConfigDict:
+    """Every knob of a training run, with the recipe's defaults (video_gpt.md section 5)."""
+    cfg = ml_collections.ConfigDict()
+    cfg.model = get_model_config(model)
+    cfg.objective = ml_collections.ConfigDict(dict(
+        timestep_sampling="uniform", logit_normal_mean=0.0, logit_normal_std=1.0,
+        context_noise_beta=0.9, context_noise_gamma_max=0.1))
+    cfg.optim = ml_collections.ConfigDict(dict(
+        learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, grad_clip_norm=1.0,
+        # The official scripts use constant_with_warmup (320k warmup steps, see video_gpt.md).
+        schedule="constant_with_warmup", warmup_steps=0,
+        decay_steps=0,          # cosine/linear: steps of decay after warmup; 0 = to train.steps
+        end_lr_ratio=0.0,       # cosine/linear: final lr as a fraction of learning_rate
+        grad_accum_steps=1))
+    cfg.mesh = ml_collections.ConfigDict(dict(
+        # Sizes per mesh axis inside a slice (ICI) and across slices (DCN); one entry of each may
+        # be -1 to take the remaining devices. num_slices > 1 builds a hybrid (multi-slice) mesh.
+        ici=ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1)),
+        dcn=ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1)),
+        num_slices=1,
+        rules=[list(r) for r in DEFAULT_LOGICAL_RULES],
+        # Fail start-up when more than this fraction of parameter elements is fully replicated
+        # on a multi-device mesh (maxtext's assert_params_sufficiently_sharded).
+        unsharded_tolerance=0.05))
+    cfg.data = ml_collections.ConfigDict(dict(
+        store="",                # path of a latent store (`vgpt_jax.data.store.LatentStore`)
+        num_frames=16,
+        stride_min=4, stride_max=4,  # stride_max > stride_min: random stride per sample (stage 3/4)
+        clip_mode="one_frame",   # random | one_frame | single (layout.sample_clip_ids)
+        global_batch_size=8,
+        seed=0,
+        shuffle=True,
+        worker_count=0,          # grain mp_prefetch worker processes (0: in the main process)
+        worker_buffer_size=2,
+        read_threads=2,
+        prefetch_buffer_size=4))
+    cfg.checkpoint = ml_collections.ConfigDict(dict(
+        save_interval_steps=1000, max_to_keep=3, async_save=True, save_on_preemption=True,
+        init_from=""))           # previous stage's workdir or model export: params only
+    cfg.train = ml_collections.ConfigDict(dict(
+        steps=1000, seed=0, log_every=10,
+        # Peak FLOP/s of one device for MFU; 0 measures a matmul once at start-up.
+        peak_flops_per_device=0.0,
+        progress_bar=True, tensorboard=True))
+    cfg.distributed = ml_collections.ConfigDict(dict(
+        # "auto": initialize when the environment names a coordinator (JAX_COORDINATOR_ADDRESS,
+        # or a cluster JAX detects itself such as SLURM / TPU pods); "always" / "never".
+        initialize="auto", coordinator_address="", num_processes=-1, process_id=-1,
+        initialization_timeout=300, heartbeat_timeout=100, shutdown_timeout=300))
+    return cfg
+
+
+def validate_train_config(cfg) -> None:
+    """Check a run config once, before anything is compiled; errors name the field and value."""
+    def need(ok, field, msg):
+        if not ok:
+            value = cfg
+            for part in field.split("."):
+                value = value.get(part) if hasattr(value, "get") else None
+            raise ValueError(f"config: {field}={value!r}: {msg}")
+    for section in ("model", "objective", "optim", "mesh", "data", "checkpoint", "train"):
+        if section not in cfg:
+            raise ValueError(f"config: missing section {section!r}")
+    ModelConfig.from_config(cfg.model)
+    o, d, t, m, c = cfg.optim, cfg.data, cfg.train, cfg.mesh, cfg.checkpoint
+    need(o.learning_rate > 0, "optim.learning_rate", "must be positive")
+    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1", "betas must lie in [0, 1)")
+    need(o.schedule in LR_SCHEDULES, "optim.schedule", f"must be one of {LR_SCHEDULES}")
+    need(o.warmup_steps >= 0 and o.decay_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(isinstance(o.grad_accum_steps, int) and o.grad_accum_steps >= 1,
+         "optim.grad_accum_steps", "must be a positive integer")
+    need(d.num_frames >= 1, "data.num_frames", "must be >= 1")
+    need(1 <= d.stride_min <= d.stride_max, "data.stride_min",
+         f"need 1 <= stride_min <= stride_max (stride_max={d.stride_max})")
+    need(d.clip_mode in CLIP_MODES, "data.clip_mode", f"must be one of {CLIP_MODES}")
+    need(d.global_batch_size >= 1, "data.global_batch_size", "must be >= 1")
+    need(d.global_batch_size % o.grad_accum_steps == 0, "data.global_batch_size",
+         f"must divide by optim.grad_accum_steps={o.grad_accum_steps}")
+    need(t.steps >= 1, "train.steps", "must be >= 1")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1")
+    need(c.save_interval_steps >= 1, "checkpoint.save_interval_steps", "must be >= 1")
+    need(c.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1")
+    for level in ("ici", "dcn"):
+        sizes = m[level]
+        need(set(sizes.keys()) == set(MESH_AXES), f"mesh.{level}", f"needs exactly the axes {MESH_AXES}")
+        vals = [sizes[a] for a in MESH_AXES]
+        need(all(v == -1 or (isinstance(v, int) and v >= 1) for v in vals), f"mesh.{level}",
+             "sizes must be positive integers or -1")
+        need(vals.count(-1) <= 1, f"mesh.{level}", "at most one axis may be -1")
+    need(m.num_slices >= 1, "mesh.num_slices", "must be >= 1")
+    for rule in m.rules:
+        need(len(rule) == 2, "mesh.rules", f"each rule is [logical_name, mesh_axes], got {rule!r}")
+        axes = rule[1]
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        need(all(a in MESH_AXES for a in axes), "mesh.rules",
+             f"rule {rule!r} names an unknown mesh axis (axes: {MESH_AXES})")

@@ -43,3 +43,124 @@ def constrain(x, names):
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The training mesh and the shardings of the train state.
+#
+# Axis types: every mesh axis is `AxisType.Auto` (GSPMD propagation), a deliberate choice: the
+# model annotates activations with `with_sharding_constraint` (via `constrain`) and lets XLA
+# propagate the rest, which only Auto axes allow; Explicit axes would need `out_sharding` on
+# every ambiguous op inside the model and `reshard` instead of constraints.
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+from jax.experimental import mesh_utils  # noqa: E402
+from jax.sharding import AxisType, Mesh  # noqa: E402
+
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+
+def _resolve(sizes: dict, total: int, what: str) -> list[int]:
+    """Fill the one -1 entry so the product is `total`; errors name the config field."""
+    vals = [int(sizes[a]) for a in MESH_AXES]
+    known = math.prod(v for v in vals if v != -1)
+    if -1 in vals:
+        if total % known:
+            raise ValueError(f"mesh.{what}={dict(zip(MESH_AXES, vals))}: the fixed sizes (product "
+                             f"{known}) do not divide the {total} devices available")
+        vals[vals.index(-1)] = total // known
+    if math.prod(vals) != total:
+        raise ValueError(f"mesh.{what}={dict(zip(MESH_AXES, vals))}: product {math.prod(vals)} "
+                         f"does not match the {total} devices available")
+    return vals
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    """The ('data', 'fsdp', 'context', 'tensor') mesh from `config.mesh` (all axes Auto)."""
+    devices = list(jax.devices() if devices is None else devices)
+    slices = int(mesh_cfg.num_slices)
+    if len(devices) % slices:
+        raise ValueError(f"mesh.num_slices={slices} does not divide the {len(devices)} devices")
+    ici = _resolve(mesh_cfg.ici, len(devices) // slices, "ici")
+    dcn = _resolve(mesh_cfg.dcn, slices, "dcn")
+    if slices > 1:
+        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    else:
+        try:
+            arr = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError):  # unknown topology: plain device order
+            arr = np.asarray(devices).reshape(ici)
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def rules_of(mesh_cfg) -> tuple:
+    return tuple((r[0], None if r[1] is None else (r[1] if isinstance(r[1], str) else tuple(r[1])))
+                 for r in mesh_cfg.rules)
+
+
+def fit_spec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes that do not divide their dimension (those dims stay replicated)."""
+    out = []
+    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        kept, size = [], 1
+        for a in axes:
+            if shape[i] % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+        out.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+    return PartitionSpec(*out)
+
+
+def param_shardings(abstract_params_state, mesh: Mesh, rules):
+    """NamedShardings for an `nnx.State` of `nnx.Param`s from their `logical_axes` metadata,
+    as a pure dict (the layout of the train state's params)."""
+    from flax import nnx
+
+    def one(var):
+        names = var.get_metadata().get("logical_axes")
+        if names is None:
+            raise ValueError(f"parameter of shape {var.shape} has no logical_axes metadata")
+        return NamedSharding(mesh, fit_spec(logical_to_spec(names, rules), var.shape, mesh))
+    tree = jax.tree.map(one, abstract_params_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+    """Inputs [B, ...]: the batch over the mesh axes of the `batch` logical axis."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def batch_shards(mesh: Mesh, rules) -> int:
+    """How many ways the batch dimension is split."""
+    spec = logical_to_spec(("batch",), rules)[0]
+    axes = () if spec is None else ((spec,) if isinstance(spec, str) else spec)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_sufficiently_sharded(params, mesh: Mesh, tolerance: float) -> float:
+    """Fail when more than `tolerance` of the parameter elements are replicated on every device
+    while the mesh has parameter-sharding axes (`fsdp`, `tensor`) larger than 1: a missing rule
+    or an indivisible dimension. Pure data parallelism replicates on purpose. Returns the
+    unsharded fraction."""
+    if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
+        return 0.0
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    total = sum(math.prod(x.shape) for _, x in leaves)
+    unsharded = [(jax.tree_util.keystr(p), x) for p, x in leaves
+                 if all(s is None for s in x.sharding.spec)]
+    frac = sum(math.prod(x.shape) for _, x in unsharded) / max(total, 1)
+    if frac > tolerance:
+        worst = sorted(unsharded, key=lambda kv: -math.prod(kv[1].shape))[:5]
+        raise ValueError(
+            f"{frac:.1%} of parameter elements are unsharded on mesh {dict(mesh.shape)} (> "
+            f"mesh.unsharded_tolerance={tolerance}); largest: "
+            f"{[(k, tuple(x.shape)) for k, x in worst]}. Add logical-axis rules or pick mesh "
+            "sizes that divide these dimensions.")
+    return frac

@@ -1,0 +1,65 @@
+"""Launch the test helper scripts in fresh processes with their own fake device count.
+
+Compiles dominate CPU test time, so helper processes run XLA's CPU backend at optimisation
+level 0 and share one persistent compilation cache (identical programs compile once per
+session); results are compared only between processes that use the same flags.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CACHE = os.path.join(tempfile.gettempdir(), f"vgpt_jax_test_xla_cache_{os.getuid()}")
+
+
+def env(devices: int) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+             PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""))
+    return e
+
+
+def run(args: list[str], devices: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python <args>` (paths relative to the repo root); never left running on timeout."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:  # SIGKILL: JAX may swallow SIGTERM
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pair(args_of, devices_each: int = 4, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Two processes joined by jax.distributed on localhost: `args_of(port, process_id)`."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, *args_of(port, i)], cwd=ROOT,
+                              env=env(devices_each), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    deadline, outs = time.time() + timeout, []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1, deadline - time.time()))[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [subprocess.CompletedProcess(p.args, p.returncode, o, "") for p, o in zip(procs, outs)]

@@ -1,0 +1,179 @@
+"""Subprocess side of the training tests (needs its own device count / process group).
+
+    python train_checks.py sharded OUT.json               8 devices: mesh parity, resharding, errors
+    python train_checks.py run WORKDIR OUT.npz [options]  one train() run (resume / multihost tests)
+
+Prints nothing useful; results go to the OUT file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+import numpy as np  # noqa: E402
+
+
+def tiny_source(num_videos: int = 12, frames: int = 10, seed: int = 0) -> list[dict]:
+    """An in-memory latent source: smooth-ish random latents [frames, 4, 4, 4]."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(num_videos, 1, 4, 4, 4))
+    drift = rng.normal(size=(num_videos, frames, 4, 4, 4)) * 0.3
+    lat = (base + np.cumsum(drift, axis=1)).astype(np.float32)
+    return [dict(latents=lat[i], fps=30.0, source=f"video{i}", num_frames=frames)
+            for i in range(num_videos)]
+
+
+def make_config(mesh: dict | None = None, **overrides):
+    import tiny_test
+    cfg = tiny_test.get_config()
+    cfg.train.tensorboard = False
+    cfg.checkpoint.async_save = True
+    for k, v in (mesh or {}).items():
+        cfg.mesh.ici[k] = v
+    for path, v in overrides.items():
+        node = cfg
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return cfg
+
+
+def flat(tree) -> dict:
+    import jax
+    from jax.experimental import multihost_utils
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        if not x.is_fully_addressable:
+            x = multihost_utils.process_allgather(x, tiled=True)
+        out[jax.tree_util.keystr(path)] = np.asarray(jax.device_get(x))
+    return out
+
+
+def run_steps(cfg, devices, n: int):
+    """n steps without checkpoints: (losses, final params as numpy)."""
+    from vgpt_jax import train
+    setup = train.build(cfg, tiny_source(), devices=devices)
+    state, it, losses = setup.init(), iter(setup.dataset), []
+    for _ in range(n):
+        state, m = setup.step_fn(state, setup.global_batch_of(next(it)))
+        losses.append(float(m["loss"]))
+    return losses, flat(state.params), state
+
+
+def error_of(fn) -> str:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def sharded(out_path: str) -> None:
+    import jax
+    from vgpt_jax import train
+    devices = jax.devices()
+    assert len(devices) == 8, devices
+    res = {}
+    ref_losses, ref_params, _ = run_steps(make_config(), devices[:1], 5)
+    res["ref_losses"] = ref_losses
+    for name, mesh in {"data2_fsdp4": dict(data=2, fsdp=4),
+                       "fsdp2_context2_tensor2": dict(data=1, fsdp=2, context=2, tensor=2)}.items():
+        losses, params, state = run_steps(make_config(mesh), devices, 5)
+        res[name] = dict(losses=losses, max_param_diff=max(
+            float(np.max(np.abs(params[k] - ref_params[k]))) for k in ref_params),
+            qkv_spec=str(state.params["decoder"]["qkv_proj"].sharding.spec))
+
+    # Checkpoint on (data=8, fsdp=1), restore onto (data=2, fsdp=4), then keep training there.
+    import tempfile
+    from vgpt_jax import checkpoint as ckpt_lib
+    workdir = tempfile.mkdtemp()
+    cfg81 = make_config(dict(data=8, fsdp=1), **{"train.steps": 4})
+    saved = train.train(cfg81, workdir, tiny_source())
+    saved_params, saved_opt = flat(saved.state.params), flat(saved.state.opt_state)
+    setup24 = train.build(make_config(dict(data=2, fsdp=4)), tiny_source())
+    with ckpt_lib.TrainCheckpointer(workdir, cfg81.checkpoint) as ck:
+        params, aux = ck.restore(4, setup24.abstract.params, setup24.abstract.aux())
+    res["reshard"] = dict(
+        params_equal=all(np.array_equal(v, flat(params)[k]) for k, v in saved_params.items()),
+        opt_equal=all(np.array_equal(v, flat(aux["opt_state"])[k]) for k, v in saved_opt.items()),
+        step=int(aux["step"]),
+        qkv_spec=str(params["decoder"]["qkv_proj"].sharding.spec),
+        count_spec=str(aux["opt_state"][1][0].count.sharding.spec))
+    resumed = train.train(make_config(dict(data=2, fsdp=4), **{"train.steps": 6}), workdir,
+                          tiny_source())
+    res["reshard"]["resumed_step"] = resumed.step
+    res["reshard"]["resumed_loss_finite"] = bool(np.isfinite(resumed.metrics["loss"]))
+
+    res["errors"] = {
+        "mesh_vs_devices": error_of(lambda: train.build(make_config(dict(data=3, fsdp=1)),
+                                                        tiny_source())),
+        "batch_vs_mesh": error_of(lambda: train.build(
+            make_config(dict(data=8, fsdp=1), **{"data.global_batch_size": 4}), tiny_source())),
+        "unsharded": error_of(lambda: train.build(
+            make_config(dict(data=1, fsdp=8), **{"mesh.rules": [["batch", ["data", "fsdp"]]]}),
+            tiny_source())),
+    }
+    with open(out_path, "w") as f:
+        json.dump(res, f)
+
+
+def run(args) -> None:
+    if args.port:
+        import jax
+        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=2,
+                                   process_id=args.process_id, initialization_timeout=60,
+                                   heartbeat_timeout_seconds=20, shutdown_timeout_seconds=20,
+                                   coordinator_bind_address=f"127.0.0.1:{args.port}")
+    from vgpt_jax import train
+    cfg = make_config(json.loads(args.mesh), **{"train.steps": args.steps})
+
+    def on_step(step, metrics):
+        if step == args.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == args.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    source = tiny_source()
+    if args.nan:  # every video non-finite: the first step after a resume gives a NaN loss
+        source = [dict(r, latents=r["latents"] * np.nan) for r in source]
+    result = train.train(cfg, args.workdir, source, on_step=on_step)
+    arrays = {f"params{k}": v for k, v in flat(result.state.params).items()}
+    arrays.update({f"opt{k}": v for k, v in flat(result.state.opt_state).items()})
+    if args.out and (not args.port or args.process_id == 0):
+        np.savez(args.out, step=result.step, preempted=result.preempted,
+                 loss=result.metrics.get("loss", np.nan), **arrays)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sharded")
+    s.add_argument("out")
+    r = sub.add_parser("run")
+    r.add_argument("workdir")
+    r.add_argument("out")
+    r.add_argument("--steps", type=int, default=6)
+    r.add_argument("--mesh", default="{}")
+    r.add_argument("--kill-at", type=int, default=-1)
+    r.add_argument("--term-at", type=int, default=-1)
+    r.add_argument("--nan", action="store_true")
+    r.add_argument("--port", type=int, default=0)
+    r.add_argument("--process-id", type=int, default=0)
+    args = p.parse_args()
+    if args.cmd == "sharded":
+        sharded(args.out)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,417 @@
+"""The training engine: a jitted, sharded, donated train step and the resumable loop around it.
+
+`train(config, workdir, data_source=None)` runs (or resumes) a run:
+  1. validate the config, join the other processes (`jax.distributed`) when asked;
+  2. build the mesh and the state shardings; refuse a mesh that leaves the params unsharded;
+  3. open the data (errors name the store) and check the batch against the mesh;
+  4. restore the latest checkpoint of `workdir` (state + data position), or initialise the state
+     straight into its shardings (optionally with the previous curriculum stage's params);
+  5. loop: step, log (process 0: JSONL, TensorBoard, tqdm), save every
+     `checkpoint.save_interval_steps` (async), save and exit cleanly on SIGTERM / preemption,
+     stop on a non-finite loss before it can reach a checkpoint.
+
+The train state is a pytree of plain arrays (params as a pure dict, the optax state, the step
+and the base PRNG key); the step's key is `fold_in(rng, step)`, so a resumed run draws exactly
+the noise an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from vgpt_jax import checkpoint as ckpt_lib
+from vgpt_jax import diffusion
+from vgpt_jax import optim
+from vgpt_jax import sharding as shard_lib
+from vgpt_jax.config import (ModelConfig, block_len_for, validate_train_config)
+from vgpt_jax.data import input_pipeline
+from vgpt_jax.model import VideoGPT
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: dict          # pure dict of the model's nnx.Param values
+    opt_state: optax.OptState
+    step: jax.Array       # int32 scalar
+    rng: jax.Array        # uint32[2] base key
+
+    def aux(self) -> dict:
+        """Everything but the params (the `train_state` checkpoint item)."""
+        return {"opt_state": self.opt_state, "step": self.step, "rng": self.rng}
+
+
+# --------------------------------------------------------------------------- distributed
+
+def maybe_initialize_distributed(dist_cfg) -> None:
+    """`jax.distributed.initialize` when the config asks, or ("auto") when the environment names
+    a coordinator. Must run before anything touches a JAX device."""
+    mode = dist_cfg.initialize
+    if mode == "never" or jax.distributed.is_initialized():
+        return
+    explicit = bool(dist_cfg.coordinator_address) or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if mode == "auto" and not explicit:
+        return
+    kwargs = dict(initialization_timeout=int(dist_cfg.initialization_timeout),
+                  heartbeat_timeout_seconds=int(dist_cfg.heartbeat_timeout),
+                  shutdown_timeout_seconds=int(dist_cfg.shutdown_timeout))
+    if dist_cfg.coordinator_address:
+        kwargs.update(coordinator_address=dist_cfg.coordinator_address)
+    if dist_cfg.num_processes > 0:
+        kwargs.update(num_processes=int(dist_cfg.num_processes))
+    if dist_cfg.process_id >= 0:
+        kwargs.update(process_id=int(dist_cfg.process_id))
+    jax.distributed.initialize(**kwargs)
+
+
+# --------------------------------------------------------------------------- state
+
+def abstract_state(model_cfg: ModelConfig, tx, mesh, rules):
+    """(graphdef, TrainState of ShapeDtypeStructs carrying their target shardings)."""
+    abstract = ckpt_lib.abstract_model(model_cfg)
+    graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"the model has non-parameter state {rest}; the train state holds only "
+                         "nnx.Param values")
+    p_shard = shard_lib.param_shardings(abs_params, mesh, rules)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nnx.to_pure_dict(abs_params), p_shard)
+    rep = shard_lib.replicated(mesh)
+    opt_shapes = jax.eval_shape(tx.init, params)
+    opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, p_shard,
+                                      transform_non_params=lambda _: rep)
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             opt_shapes, opt_shard)
+    state = TrainState(params, opt_state, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+                       jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+    return graphdef, state
+
+
+def shardings_of(tree):
+    return jax.tree.map(lambda a: a.sharding, tree)
+
+
+def init_state(model_cfg: ModelConfig, tx, abstract: TrainState, seed: int,
+               params=None) -> TrainState:
+    """A fresh state, created by one jit directly into its shardings (nothing is gathered on
+    one device). `params` (e.g. the previous stage's) replace the random initialisation."""
+    def init(params):
+        if params is None:
+            model = VideoGPT(model_cfg, rngs=nnx.Rngs(seed))
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        rng = jax.random.key_data(jax.random.key(seed + 1, impl="threefry2x32"))
+        return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), rng)
+    out = shardings_of(abstract)
+    if params is None:
+        return jax.jit(lambda: init(None), out_shardings=out)()
+    return jax.jit(init, in_shardings=(out.params,), out_shardings=out)(params)
+
+
+# --------------------------------------------------------------------------- step
+
+def make_train_step(graphdef, obj_cfg: diffusion.ObjectiveConfig, tx, schedule, accum_steps: int,
+                    state_shardings, batch_shardings, mesh, rules):
+    """The jitted step `(state, batch) -> (state, metrics)`, state donated."""
+    def loss_fn(params, batch, rng):
+        return diffusion.loss(nnx.merge(graphdef, params), batch, rng, obj_cfg)
+
+    def step_fn(state: TrainState, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl="threefry2x32"),
+                                 state.step)
+        loss, metrics, grads = optim.accumulate_gradients(loss_fn, state.params, batch, key,
+                                                          accum_steps)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state.step)}
+        return TrainState(params, opt_state, state.step + 1, state.rng), metrics
+
+    rep = shard_lib.replicated(mesh)
+    jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, rep), donate_argnums=0)
+
+    def run(state, batch):
+        # `constrain` inside the model reads the active mesh at trace time.
+        with shard_lib.activation_sharding(mesh, rules):
+            return jitted(state, batch)
+    run.jitted = jitted
+    return run
+
+
+# --------------------------------------------------------------------------- logging
+
+class MetricsWriter:
+    """JSONL + TensorBoard on process 0; a no-op elsewhere."""
+
+    def __init__(self, workdir: str, tensorboard: bool):
+        self.enabled = jax.process_index() == 0
+        self.jsonl = self.tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def measure_peak_flops(device=None, n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul on one device: a stand-in for the peak when none is given."""
+    device = device or jax.local_devices()[0]
+    dtype = jnp.float32 if device.platform == "cpu" else jnp.bfloat16
+    x = jax.device_put(jnp.ones((n, n), dtype), device)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        y = f(x)
+    y.block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def flops_per_step(model_cfg: ModelConfig, batch: int, seq_len: int) -> float:
+    """Matmul FLOPs of forward + backward (3x forward) over the whole training sequence; a
+    token attends to about half the sequence under the block-causal mask."""
+    return 3.0 * batch * seq_len * model_cfg.matmul_flops_per_token(seq_len / 2)
+
+
+# --------------------------------------------------------------------------- preemption
+
+class PreemptionWatch:
+    """SIGTERM -> save and exit cleanly. One process: our own handler sets a flag (JAX installs
+    no notifier without `jax.distributed`). Several processes: JAX's preemption service catches
+    SIGTERM and `reached_preemption_sync_point` makes every process agree on the same step."""
+
+    def __init__(self, enabled: bool):
+        self.flag, self.previous = False, None
+        self.multi = jax.process_count() > 1
+        if enabled and not self.multi:
+            try:
+                self.previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: no handler, rely on the default
+                self.previous = None
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        if self.multi:
+            from jax.experimental import multihost_utils
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # preemption service disabled
+                return False
+        return self.flag
+
+    def close(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+# --------------------------------------------------------------------------- the loop
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    step: int
+    metrics: dict            # the last logged scalars
+    preempted: bool
+    workdir: str
+
+
+def _objective(cfg) -> diffusion.ObjectiveConfig:
+    obj = diffusion.ObjectiveConfig(**cfg.objective.to_dict())
+    obj.validate()
+    return obj
+
+
+def _check_batch(cfg, mesh, rules) -> None:
+    b, accum = int(cfg.data.global_batch_size), int(cfg.optim.grad_accum_steps)
+    shards = shard_lib.batch_shards(mesh, rules)
+    if (b // accum) % shards:
+        raise ValueError(
+            f"config: data.global_batch_size={b} (microbatch {b // accum} with optim."
+            f"grad_accum_steps={accum}) is not divisible by the {shards} batch shards of mesh "
+            f"{dict(mesh.shape)} (the 'batch' rule maps to {shard_lib.logical_to_spec(('batch',), rules)[0]})")
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, built and checked before the first compile."""
+    config: object
+    model_cfg: ModelConfig
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    graphdef: object
+    abstract: TrainState            # ShapeDtypeStructs with the target shardings
+    batch_shardings: dict
+    dataset: object                 # grain IterDataset of this process's rows
+    step_fn: object                 # (state, global batch) -> (state, metrics)
+
+    @property
+    def global_batch(self) -> int:
+        return int(self.config.data.global_batch_size)
+
+    def init(self, params=None) -> TrainState:
+        return init_state(self.model_cfg, self.tx, self.abstract, int(self.config.train.seed),
+                          params)
+
+    def global_batch_of(self, local_batch: dict) -> dict:
+        return input_pipeline.to_global(local_batch, self.batch_shardings, self.global_batch)
+
+
+def build(config, data_source=None, devices=None) -> Setup:
+    """Validate the config, make the mesh, shardings, data pipeline and step (nothing runs).
+
+    Errors (bad config, mesh vs devices, batch vs mesh, unsharded params, missing or corrupt
+    store) are raised here, before anything is compiled.
+    """
+    validate_train_config(config)
+    maybe_initialize_distributed(config.distributed)
+    model_cfg = ModelConfig.from_config(config.model)
+    obj_cfg = _objective(config)
+    mesh = shard_lib.make_mesh(config.mesh, devices)
+    rules = shard_lib.rules_of(config.mesh)
+    _check_batch(config, mesh, rules)
+    source = data_source if data_source is not None else input_pipeline.open_source(config.data.store)
+    name = config.data.store or type(source).__name__
+
+    tx, schedule = optim.make_optimizer(config.optim, int(config.train.steps))
+    graphdef, abstract = abstract_state(model_cfg, tx, mesh, rules)
+    shard_lib.check_sufficiently_sharded(abstract.params, mesh,
+                                         float(config.mesh.unsharded_tolerance))
+    b = int(config.data.global_batch_size)
+    batch_sh = {"latents": shard_lib.batch_sharding(mesh, rules, 5),
+                "clip_ids": shard_lib.batch_sharding(mesh, rules, 2)}
+    rows = input_pipeline.process_rows(batch_sh["latents"], b)
+    dataset = input_pipeline.make_dataset(source, config.data, rows=rows, name=name)
+    step_fn = make_train_step(graphdef, obj_cfg, tx, schedule, int(config.optim.grad_accum_steps),
+                              shardings_of(abstract), batch_sh, mesh, rules)
+    return Setup(config, model_cfg, mesh, rules, tx, schedule, graphdef, abstract, batch_sh,
+                 dataset, step_fn)
+
+
+def initial_state(run: Setup, ckpt: ckpt_lib.TrainCheckpointer, data_iter) -> tuple[TrainState, int]:
+    """Resume the latest checkpoint (state and data position) if there is one; else a fresh
+    state, with the params of `checkpoint.init_from` (the previous curriculum stage) if set."""
+    start, abstract = ckpt.latest_step(), run.abstract
+    if start is not None:
+        params, aux = ckpt.restore(start, abstract.params, abstract.aux(), data_iter)
+        log.info("resumed %s at step %d", ckpt.directory, start)
+        return TrainState(params, aux["opt_state"], aux["step"], aux["rng"]), start
+    init_from, params = run.config.checkpoint.init_from, None
+    if init_from:
+        params = ckpt_lib.load_params(init_from, run.model_cfg, shardings_of(abstract.params))
+        log.info("initialised params from %s", init_from)
+    return run.init(params), 0
+
+
+def train(config, workdir: str, data_source=None, *, on_step=None, devices=None) -> TrainResult:
+    """Run or resume the training run of `config` in `workdir` (see the module docstring).
+
+    `data_source`: a random-access source (`len`, `[i] -> dict(latents, ...)`) used instead of
+    `config.data.store`. `on_step(step, metrics)` is called after each step is dispatched
+    (metrics are unfetched device arrays), e.g. for progress reporting. `devices`: the devices
+    of the mesh (default: all).
+    """
+    run = build(config, data_source, devices)
+    model_cfg, mesh = run.model_cfg, run.mesh
+    data_iter = iter(run.dataset)
+    ckpt = ckpt_lib.TrainCheckpointer(workdir, config.checkpoint)
+    try:
+        state, start = initial_state(run, ckpt, data_iter)
+    except BaseException:
+        ckpt.close()
+        raise
+    writer = MetricsWriter(workdir, bool(config.train.tensorboard))
+    if writer.enabled:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, default=list)
+    peak = float(config.train.peak_flops_per_device) or measure_peak_flops()
+    watch = PreemptionWatch(bool(config.checkpoint.save_on_preemption))
+    total, b = int(config.train.steps), run.global_batch
+    bar = _progress_bar(config, start, total)
+    interval, log_every = int(config.checkpoint.save_interval_steps), int(config.train.log_every)
+    last, preempted, step = {}, False, start
+    t_last, step_last, seq_len = time.perf_counter(), start, None
+    try:
+        while step < total:
+            batch = run.global_batch_of(next(data_iter))
+            if seq_len is None:
+                _, f, h, w, _ = batch["latents"].shape
+                seq_len = 2 * f * block_len_for(model_cfg, h, w)
+            state, metrics = run.step_fn(state, batch)
+            step += 1
+            if on_step is not None:
+                on_step(step, metrics)
+            preempted = watch.reached(step)
+            save = preempted or step % interval == 0 or step == total
+            if save or step % log_every == 0:
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not np.isfinite(scalars["loss"]):
+                    ckpt.wait()
+                    raise FloatingPointError(
+                        f"non-finite loss {scalars['loss']} at step {step} (grad_norm "
+                        f"{scalars['grad_norm']}); stopping without saving it. The last good "
+                        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+                now = time.perf_counter()
+                dt = (now - t_last) / max(step - step_last, 1)
+                t_last, step_last = now, step
+                scalars.update(step_time_s=dt, tokens_per_s=b * seq_len / dt,
+                               mfu=flops_per_step(model_cfg, b, seq_len) / dt / (peak * mesh.size))
+                last = scalars
+                if step % log_every == 0 or step == total:
+                    writer.write(step, scalars)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+            if bar is not None:
+                bar.update(1)
+            if save:
+                ckpt.save(step, state.params, state.aux(), data_iter, config)
+            if preempted:
+                log.warning("preemption requested: saved step %d, exiting", step)
+                break
+    finally:
+        watch.close()
+        if bar is not None:
+            bar.close()
+        writer.close()
+        ckpt.close()
+    return TrainResult(state, step, last, preempted, os.path.abspath(workdir))
+
+
+def _progress_bar(config, start: int, total: int):
+    if not (config.train.progress_bar and jax.process_index() == 0 and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
