@@ -68,3 +68,35 @@ class SpaceToDepth(LatentSpace):
         d = self.downsample
         x = z.reshape(n, h, w, d, d, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, h * d, w * d, 3)
         return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+_SPACE_KEYS = {
+    "space_to_depth": {"kind", "downsample"},
+    "autoencoder_kl": {"kind", "path", "subfolder", "batch_size", "dtype", "scaling_factor", "shift_factor"},
+}
+
+
+def make_latent_space(config) -> LatentSpace:
+    """Build a latent space from a config mapping (dict or ConfigDict).
+
+    `{"kind": "space_to_depth", "downsample": 2}` or
+    `{"kind": "autoencoder_kl", "path": "<diffusers folder or hub id>", "subfolder": None, "batch_size": 8,
+      "dtype": "float32" | "bfloat16", "scaling_factor": None, "shift_factor": None}` (None = from config.json).
+    """
+    cfg = dict(config or {})
+    kind = cfg.get("kind", "space_to_depth")
+    if kind not in _SPACE_KEYS:
+        raise ValueError(f"latent space kind {kind!r} unknown; expected one of {sorted(_SPACE_KEYS)}")
+    extra = sorted(set(cfg) - _SPACE_KEYS[kind])
+    if extra:
+        raise ValueError(f"latent space {kind!r}: unknown option(s) {extra}; allowed {sorted(_SPACE_KEYS[kind])}")
+    if kind == "space_to_depth":
+        return SpaceToDepth(cfg.get("downsample", 1))
+    if not cfg.get("path"):
+        raise ValueError("latent space 'autoencoder_kl' needs 'path' (a diffusers VAE folder or hub repo id)")
+    from vgpt_jax.vae.autoencoder_kl import AutoencoderKLSpace  # keeps flax off the SpaceToDepth import path
+
+    return AutoencoderKLSpace.from_pretrained(
+        cfg["path"], subfolder=cfg.get("subfolder"), batch_size=cfg.get("batch_size", 8),
+        dtype=cfg.get("dtype", "float32"), scaling_factor=cfg.get("scaling_factor"),
+        shift_factor=cfg.get("shift_factor"))
