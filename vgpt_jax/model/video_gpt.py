@@ -223,6 +223,20 @@ class VideoGPT(nnx.Module):
                              return_kv=True)
         return KVCache(kv, meta)
 
+    def extend_cache(self, clean_latents_BNhwc, layout: layout_lib.Layout,
+                     cache: KVCache) -> KVCache:
+        """Append clean frames to a cache: they attend to the cached history (frame-causal), and
+        their keys/values join it. Equal to `build_cache` over the history and the new frames."""
+        t = jnp.ones(layout.frame.shape, jnp.float32)  # unused by clean blocks
+        self.check_inputs(clean_latents_BNhwc, t, layout)
+        x = self.embed(clean_latents_BNhwc, t, layout)
+        meta = layout_lib.token_meta(layout)
+        _, kv = self.decoder(x, layout_lib.token_positions(layout), meta, layout.block_len,
+                             cache=cache.kv, cache_meta=cache.meta, return_kv=True)
+        return KVCache(LayerKV(*(jnp.concatenate([c, n], axis=2) for c, n in zip(cache.kv, kv))),
+                       layout_lib.TokenMeta(*(jnp.concatenate([c, m], axis=1)
+                                              for c, m in zip(cache.meta, meta))))
+
     def denoise_with_cache(self, noisy_latents_BNhwc, t_BN, layout: layout_lib.Layout,
                            cache: KVCache):
         """x1 prediction for noisy blocks that attend to a cached history: [B, NB, h, w, C]."""

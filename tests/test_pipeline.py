@@ -1,0 +1,135 @@
+"""Pipeline and `tools/sample.py`: loading an export, pixels in and out, the release's
+decode/encode round trip, callbacks, and clear errors for bad input."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from test_sampling import random_model, rel_err
+from vgpt_jax import checkpoint
+from vgpt_jax.data import video_io
+from vgpt_jax.pipeline import Pipeline, split_frames
+from vgpt_jax.vae.latent_space import SpaceToDepth
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tools"))
+import sample as sample_tool  # noqa: E402
+
+PX = 8            # 8x8 RGB frames -> SpaceToDepth(2) latents 4x4x12 -> 2x2 patches
+FAST = dict(steps=2, window=6)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    model = random_model(seed=5, latent_channels=12)
+    config = ml_collections.ConfigDict({
+        "model": dataclasses.asdict(model.cfg),
+        "latent_space": {"kind": "space_to_depth", "downsample": 2}})
+    return checkpoint.export_model(str(tmp_path_factory.mktemp("export")), model, config)
+
+
+@pytest.fixture(scope="module")
+def pipe(export_dir):
+    return Pipeline.from_checkpoint(export_dir)
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return np.random.default_rng(0).integers(0, 256, (2, 6, PX, PX, 3), dtype=np.uint8)
+
+
+def test_from_checkpoint_reads_model_and_latent_space(pipe, export_dir):
+    assert isinstance(pipe.latent_space, SpaceToDepth) and pipe.latent_space.downsample == 2
+    assert pipe.model.cfg == random_model(latent_channels=12).cfg
+    assert Pipeline.from_pretrained(export_dir).model.cfg == pipe.model.cfg
+
+
+def test_predict_pixels_equals_predict_latents(pipe, pixels):
+    calls = []
+    out = pipe.predict(pixels[0, :2], clip_sizes=[2, 1], seed=3, **FAST,
+                       callback=lambda k, n, clip: calls.append((k, n, clip.shape)))
+    assert out.latents.shape == (3, 4, 4, 12) and out.frames.shape == (3, PX, PX, 3)
+    assert out.frames.dtype == np.uint8
+    np.testing.assert_array_equal(out.frames, pipe.latent_space.decode(out.latents))
+    assert calls == [(0, 2, (1, 2, 4, 4, 12)), (1, 2, (1, 1, 4, 4, 12))]
+    latents = pipe.latent_space.encode(pixels[0, :2])
+    again = pipe.predict(latents, clip_sizes=[2, 1], seed=3, **FAST)
+    np.testing.assert_array_equal(again.latents, out.latents)
+    assert again.frames is not None
+
+
+def test_reencode_round_trip_feeds_the_history(pipe, pixels):
+    """With reencode, clip 1 continues [context, encode(decode(clip 0))]: the same as a fresh
+    prediction from that context (same noise with the release's re-seeding)."""
+    opts = dict(FAST, seed=1, same_noise_every_clip=True)
+    out = pipe.predict(pixels[:, :2], clip_sizes=[2, 2], reencode=True, **opts)
+    plain = pipe.predict(pixels[:, :2], clip_sizes=[2, 2], **opts)
+    np.testing.assert_array_equal(out.latents[:, :2], plain.latents[:, :2])
+    space = pipe.latent_space
+    round_trip = np.stack([space.encode(space.decode(v)) for v in out.latents[:, :2]])
+    assert not np.array_equal(round_trip, out.latents[:, :2])  # uint8 quantisation is visible
+    context = np.concatenate([np.stack([space.encode(p) for p in pixels[:, :2]]), round_trip], 1)
+    fresh = pipe.predict(context, clip_sizes=[2], **opts)
+    assert rel_err(out.latents[:, 2:], fresh.latents) < 1e-5
+
+
+def test_generate_from_nothing(pipe):
+    out = pipe.generate(clip_sizes=[2, 1], batch_size=2, frame_size=(PX, PX), seed=[4, 9], **FAST)
+    assert out.latents.shape == (2, 3, 4, 4, 12) and out.frames.shape == (2, 3, PX, PX, 3)
+    one = pipe.generate(clip_sizes=[2, 1], latent_size=(4, 4), seed=9, **FAST)
+    assert rel_err(one.latents[0], out.latents[1]) < 1e-5
+
+
+def test_split_frames():
+    assert split_frames(48) == [24, 24] and split_frames(50) == [24, 24, 2]
+    with pytest.raises(ValueError, match="num_frames=0"):
+        split_frames(0)
+
+
+@pytest.mark.parametrize("make_context,kwargs,message", [
+    (lambda p: p[0, :2, :, :, :2], {}, "2 channels"),
+    (lambda p: p[0, :2, :6, :6], {}, "frame size 6x6"),
+    (lambda p: p[0], dict(window=5), "context of 6 frames is longer than the window of 5"),
+    (lambda p: p[0, :2], dict(steps=0), "steps=0"),
+    (lambda p: p[0, :2], dict(guidance=-1.0), "guidance=-1.0"),
+    (lambda p: p[0, :2].astype(np.int32), {}, "dtype int32"),
+    (lambda p: p[0, 0], {}, "expected"),
+])
+def test_bad_context_is_a_clear_error(pipe, pixels, make_context, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.predict(make_context(pixels), clip_sizes=[1], **{**FAST, **kwargs})
+
+
+def test_pixels_need_a_latent_space(pipe, pixels):
+    with pytest.raises(ValueError, match="no latent space"):
+        Pipeline(pipe.model).predict(pixels[0, :2], clip_sizes=[1], **FAST)
+    with pytest.raises(ValueError, match="exactly one of num_frames and clip_sizes"):
+        pipe.predict(pixels[0, :2], num_frames=2, clip_sizes=[2])
+
+
+def test_sample_tool_writes_prediction_and_comparison(export_dir, pixels, tmp_path):
+    source = video_io.write_video(str(tmp_path / "in.mp4"), pixels[0], fps=8.0)
+    out = str(tmp_path / "pred.mp4")
+    argv = ["--checkpoint", export_dir, "--input", source, "--output", out, "--frame-stride", "1",
+            "--context-frames", "2", "--clip-sizes", "2", "1", "--steps", "2", "--window", "6",
+            "--no-progress"]
+    assert sample_tool.main(argv) == 0
+    frames, _ = video_io.read_video(out)
+    assert frames.shape == (3, PX, PX, 3)
+    side, _ = video_io.read_video(str(tmp_path / "pred_vs_gt.mp4"))
+    assert side.shape == (3, PX, 2 * PX, 3)
+
+
+def test_sample_tool_rejects_unreadable_video(export_dir, tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video at all")
+    argv = ["--checkpoint", export_dir, "--input", str(bad), "--output", str(tmp_path / "o.mp4")]
+    with pytest.raises(ValueError, match="broken.mp4"):
+        sample_tool.main(argv)
+    with pytest.raises(ValueError, match="no such file"):
+        sample_tool.main(argv[:3] + [str(tmp_path / "missing.mp4")] + argv[4:])

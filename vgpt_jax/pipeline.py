@@ -1,0 +1,206 @@
+"""The user's entry point: a trained model (and optionally a latent space) that predicts video.
+
+    pipe = Pipeline.from_checkpoint("exports/run1")
+    out = pipe.predict(context_frames_uint8, num_frames=48)   # out.frames: uint8 [48, H, W, 3]
+    out = pipe.generate(num_frames=24, latent_size=(8, 8))    # from nothing
+
+Context is pixels (uint8 [F, H, W, 3], encoded with the latent space) or latents (float
+[F, h, w, C]); a leading batch axis samples several videos at once and is kept in the output.
+The numerics live in `vgpt_jax.sampling`; this module checks inputs, encodes and decodes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from vgpt_jax import checkpoint, sampling
+from vgpt_jax.model import VideoGPT
+from vgpt_jax.vae.latent_space import LatentSpace
+
+DEFAULT_CLIP_FRAMES = 24  # the release's clip size (`--gen_nums 24 24`)
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    latents: np.ndarray             # float32 [B, N, h, w, C] ([N, ...] for an unbatched context)
+    frames: np.ndarray | None       # uint8 [B, N, H, W, 3] when the pipeline has a latent space
+
+
+def split_frames(num_frames: int, clip_frames: int = DEFAULT_CLIP_FRAMES) -> list[int]:
+    """Clip sizes for `num_frames` new frames: clips of `clip_frames`, the last one shorter."""
+    if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+        raise ValueError(f"num_frames={num_frames!r}: must be an integer >= 1")
+    full, rest = divmod(int(num_frames), clip_frames)
+    return [clip_frames] * full + ([rest] if rest else [])
+
+
+def _clip_sizes(num_frames, clip_sizes) -> list[int]:
+    if (num_frames is None) == (clip_sizes is None):
+        raise ValueError("give exactly one of num_frames and clip_sizes")
+    return split_frames(num_frames) if clip_sizes is None else [int(n) for n in clip_sizes]
+
+
+def _seeds(seed, batch: int) -> list[int]:
+    """An int seed gives video b the seed `seed + b`; a sequence gives one seed per video."""
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) + b for b in range(batch)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != batch:
+        raise ValueError(f"seed: {len(seeds)} seeds for a batch of {batch} videos")
+    return seeds
+
+
+class Pipeline:
+    def __init__(self, model: VideoGPT, latent_space: LatentSpace | None = None, config=None):
+        self.model = model
+        self.latent_space = latent_space
+        self.config = config
+
+    @classmethod
+    def from_checkpoint(cls, directory: str, *, latent_space: LatentSpace | None = None,
+                        shardings=None) -> "Pipeline":
+        """Load a model export; the latent space comes from the argument, else from the config's
+        optional `latent_space` section (`vgpt_jax.vae.latent_space.make_latent_space`)."""
+        model, config = checkpoint.load_model(directory, shardings)
+        if latent_space is None and config.get("latent_space"):
+            from vgpt_jax.vae.latent_space import make_latent_space
+            section = config.latent_space
+            latent_space = make_latent_space(section.to_dict() if hasattr(section, "to_dict")
+                                             else section)
+        return cls(model, latent_space, config)
+
+    @classmethod
+    def from_pretrained(cls, name_or_directory: str, *, cache_dir: str | None = None,
+                        dtype: str = "bfloat16", **kwargs) -> "Pipeline":
+        """A vgpt_jax export (as `from_checkpoint`), or the released weights: an official
+        checkpoint folder or hub repo id (`GrayShine/Video-GPT`), converted once and cached
+        (`vgpt_jax.convert_official.pretrained_export`)."""
+        from vgpt_jax import convert_official
+        if not convert_official.is_export(name_or_directory):
+            name_or_directory = convert_official.pretrained_export(name_or_directory, cache_dir,
+                                                                   dtype)
+        return cls.from_checkpoint(name_or_directory, **kwargs)
+
+    # ------------------------------------------------------------------ entry points
+
+    def predict(self, context, num_frames: int | None = None, *,
+                clip_sizes: Sequence[int] | None = None, steps: int = 50,
+                guidance: float = 1.5, window: int = 80, seed: int | Sequence[int] = 0,
+                time_shift: float = 1.0, cache_mode: str = "window", anchor_frames: int = 0,
+                context_noise: float = 0.0, same_noise_every_clip: bool = False,
+                reencode: bool = False,
+                callback: Callable[[int, int, np.ndarray], None] | None = None) -> SampleOutput:
+        """Continue `context` by `num_frames` (clips of 24) or by clips of `clip_sizes` frames.
+
+        context: uint8 pixels [(B,) F, H, W, 3] or float latents [(B,) F, h, w, C].
+        steps, guidance, window, time_shift, cache_mode, anchor_frames, context_noise,
+        same_noise_every_clip: see `sampling.SamplerConfig`. seed: an int (video b uses
+        seed + b) or one per video. reencode: pass each finished clip through decode -> uint8
+        -> encode before it joins the history, as the release does. callback(k, num_clips,
+        latents [B, n, h, w, C]) runs after each clip.
+        """
+        sizes = _clip_sizes(num_frames, clip_sizes)
+        cfg = self._sampler_config(steps, guidance, window, time_shift, cache_mode,
+                                   anchor_frames, context_noise, same_noise_every_clip)
+        context = np.asarray(context)
+        batched = context.ndim == 5
+        if context.ndim not in (4, 5):
+            raise ValueError(f"context: expected [frames, H, W, 3] pixels or [frames, h, w, C] "
+                             f"latents (with an optional leading batch axis), got shape "
+                             f"{context.shape}")
+        context = context if batched else context[None]
+        seeds = _seeds(seed, context.shape[0])
+        latents = self._context_latents(context, seeds)
+        out = self._sample(sizes, cfg, seeds, latents, None, reencode, callback)
+        return out if batched else SampleOutput(out.latents[0], None if out.frames is None
+                                                else out.frames[0])
+
+    def generate(self, num_frames: int | None = None, *, clip_sizes: Sequence[int] | None = None,
+                 batch_size: int = 1, frame_size: tuple[int, int] | None = None,
+                 latent_size: tuple[int, int] | None = None, steps: int = 50,
+                 guidance: float = 1.5, window: int = 80, seed: int | Sequence[int] = 0,
+                 time_shift: float = 1.0, cache_mode: str = "window", anchor_frames: int = 0,
+                 context_noise: float = 0.0, same_noise_every_clip: bool = False,
+                 reencode: bool = False,
+                 callback: Callable[[int, int, np.ndarray], None] | None = None) -> SampleOutput:
+        """Video from nothing: the first clip unconditionally, then as `predict`.
+
+        Give `frame_size=(H, W)` in pixels (with a latent space) or `latent_size=(h, w)`.
+        Outputs are batched [batch_size, N, ...].
+        """
+        sizes = _clip_sizes(num_frames, clip_sizes)
+        cfg = self._sampler_config(steps, guidance, window, time_shift, cache_mode,
+                                   anchor_frames, context_noise, same_noise_every_clip)
+        if (frame_size is None) == (latent_size is None):
+            raise ValueError("generate: give exactly one of frame_size (pixels) and latent_size")
+        if frame_size is not None:
+            space = self._require_space("frame_size")
+            H, W = frame_size
+            space.check_frames(np.zeros((1, H, W, 3), np.uint8), what="frame_size")
+            latent_size = (H // space.downsample, W // space.downsample)
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
+        return self._sample(sizes, cfg, _seeds(seed, batch_size), None, tuple(latent_size),
+                            reencode, callback)
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _sampler_config(steps, guidance, window, time_shift, cache_mode, anchor_frames,
+                        context_noise, same_noise_every_clip) -> sampling.SamplerConfig:
+        cfg = sampling.SamplerConfig(steps=steps, guidance=float(guidance), window=window,
+                                     time_shift=float(time_shift), cache_mode=cache_mode,
+                                     anchor_frames=anchor_frames,
+                                     context_noise=float(context_noise),
+                                     same_noise_every_clip=bool(same_noise_every_clip))
+        cfg.validate()
+        return cfg
+
+    def _require_space(self, what: str) -> LatentSpace:
+        if self.latent_space is None:
+            raise ValueError(f"{what}: this pipeline has no latent space (give one to "
+                             "Pipeline(...) or a 'latent_space' section in the checkpoint "
+                             "config), so it works on latents only")
+        return self.latent_space
+
+    def _context_latents(self, context_BF, seeds) -> np.ndarray:
+        """Pixels (uint8) are encoded (a posterior sample, as the release); floats are latents."""
+        if context_BF.dtype == np.uint8:
+            space = self._require_space("context pixels")
+            if context_BF.shape[-1] != 3:
+                raise ValueError(f"context pixels: frames have {context_BF.shape[-1]} channels, "
+                                 f"expected RGB (3); shape {context_BF.shape}")
+            for b in range(len(context_BF)):
+                space.check_frames(context_BF[b], what="context pixels")
+            p = self.model.cfg.patch_size * space.downsample
+            if context_BF.shape[2] % p or context_BF.shape[3] % p:
+                raise ValueError(f"context pixels: frame size {context_BF.shape[2]}x"
+                                 f"{context_BF.shape[3]} is not a multiple of {p} (latent "
+                                 "downsampling x patch size)")
+            return np.stack([space.encode(f, seed=s) for f, s in zip(context_BF, seeds)])
+        if not np.issubdtype(context_BF.dtype, np.floating):
+            raise ValueError(f"context: dtype {context_BF.dtype} is neither uint8 pixels nor "
+                             "float latents")
+        return context_BF.astype(np.float32)
+
+    def _sample(self, sizes, cfg, seeds, context_latents, latent_hw, reencode,
+                callback) -> SampleOutput:
+        space = self.latent_space
+        to_context = None
+        if reencode:
+            space = self._require_space("reencode")
+
+            def to_context(k, clip_BNhwc):
+                clip = np.asarray(clip_BNhwc)
+                return np.stack([space.encode(space.decode(c), seed=s + 7919 * (k + 1))
+                                 for c, s in zip(clip, seeds)])
+        on_clip = None
+        if callback is not None:
+            on_clip = lambda k, clip: callback(k, len(sizes), np.asarray(clip))
+        latents = sampling.sample_video(self.model, sizes, cfg, seeds,
+                                        context_BFhwc=context_latents, latent_hw=latent_hw,
+                                        on_clip=on_clip, to_context=to_context)
+        frames = None if space is None else np.stack([space.decode(v) for v in latents])
+        return SampleOutput(latents, frames)

@@ -1,0 +1,385 @@
+"""Next-clip sampling: Euler steps on the flow, history guidance, an exact KV cache, long videos.
+
+One clip at a time (the reference's `prompt_condition_frame_block_autoregressive_inference`):
+- **Euler on the flow** from noise (t = 0) to data (t = 1): sigma = linspace(0, 1, S + 1), with
+  the reference's optional time shift sigma / (sigma + s - s * sigma). The model sees
+  t = sigma_i and predicts x1; v = (x1_hat - z) / (1 - sigma_i); z += (sigma_{i+1} - sigma_i) v.
+- **History guidance** v = v_u + s (v_c - v_u): the unconditional branch is the noisy clip
+  alone, positions from 0. Both branches run as one [2B] batch: the second half shares the
+  cache with its cache tokens marked invalid, so the one mask rule hides the history from it.
+  s = 1, or an empty history (where both branches are the same function), runs one branch.
+- **Exact KV cache.** Clean history never attends to noisy tokens, so its keys and values are
+  the same at every step: they are computed once (`VideoGPT.build_cache`), every step runs only
+  the noisy clip against them (`denoise_with_cache`), and a finished clip's clean copy is
+  appended (`extend_cache`). The release recomputes the whole sequence at every step
+  (`cache_mode="recompute"` here, kept as the baseline); both compute the same function.
+- **Long videos.** "window" (the reference): when history plus the new clip exceed `window`
+  frames, keep the newest `window - n` frames with positions restarting at 0 and rebuild the
+  cache. "rolling" (beyond the reference): drop the oldest frames after `anchor_frames` sink
+  frames from the cache and re-index the rest by rotating their keys (`shift_positions`),
+  with no rebuild; kept frames then still carry what they saw of dropped frames.
+
+Invariant: cache slot s holds clean frame s at RoPE frame slot s; the noisy clip follows at
+slots H..H+n-1 (H = frames in the history). All layouts come from `layout.clip_layout`.
+
+Noise: fresh per clip and per video (`seeds[b]`, folded with the clip index), so a batch
+equals its videos sampled one by one; `same_noise_every_clip` reproduces the release, which
+re-seeds identically for every clip. Context noise (1 - c) x + c eps is applied to each
+generated clip when it joins the history (so from the second clip on, as in the release);
+the release re-noises the whole context before every clip, which a cache cannot do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vgpt_jax import layout as layout_lib
+from vgpt_jax.config import ModelConfig, block_len_for, dtype_of
+from vgpt_jax.model import VideoGPT
+from vgpt_jax.model.decoder import LayerKV
+from vgpt_jax.model.rope import apply_rope, inverse_frequencies
+from vgpt_jax.model.video_gpt import KVCache
+
+CACHE_MODES = ("window", "rolling", "recompute")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Defaults are the release's (50 steps, s = 1.5, 80-frame window, no context noise)."""
+    steps: int = 50
+    guidance: float = 1.5
+    time_shift: float = 1.0
+    window: int = 80
+    cache_mode: str = "window"       # "window" | "rolling" | "recompute" (no cache, the release)
+    anchor_frames: int = 0           # rolling mode: sink frames kept at the start of the cache
+    context_noise: float = 0.0       # c in (1 - c) x + c eps for generated clips joining history
+    same_noise_every_clip: bool = False  # the release's re-seeding quirk
+
+    def validate(self) -> None:
+        def need(ok, field, msg):
+            if not ok:
+                raise ValueError(f"sampler: {field}={getattr(self, field)!r}: {msg}")
+        need(isinstance(self.steps, (int, np.integer)) and self.steps >= 1, "steps",
+             "must be an integer >= 1")
+        need(math.isfinite(self.guidance) and self.guidance >= 0, "guidance",
+             "the guidance scale must be finite and >= 0")
+        need(math.isfinite(self.time_shift) and self.time_shift > 0, "time_shift", "must be > 0")
+        need(isinstance(self.window, (int, np.integer)) and self.window >= 1, "window",
+             "must be an integer >= 1 (frames)")
+        need(self.cache_mode in CACHE_MODES, "cache_mode", f"must be one of {CACHE_MODES}")
+        need(isinstance(self.anchor_frames, (int, np.integer)) and self.anchor_frames >= 0,
+             "anchor_frames", "must be an integer >= 0")
+        need(self.anchor_frames == 0 or self.cache_mode == "rolling", "anchor_frames",
+             "anchor (sink) frames need cache_mode='rolling'")
+        need(0.0 <= self.context_noise <= 1.0, "context_noise", "must lie in [0, 1]")
+
+
+def time_grid(steps: int, time_shift: float = 1.0) -> np.ndarray:
+    """sigma_0..sigma_S [S + 1] float32: linspace(0, 1) under the release's time shift."""
+    t = np.linspace(0.0, 1.0, steps + 1)
+    return (t / (t + time_shift - time_shift * t)).astype(np.float32)
+
+
+def check_request(model_cfg: ModelConfig, cfg: SamplerConfig, clip_sizes: Sequence[int],
+                  context_shape: tuple[int, ...] | None, latent_hw: tuple[int, int],
+                  seeds: Sequence[int], batch: int) -> None:
+    """Host-side checks of a sampling request; each ValueError names the value (no compile)."""
+    cfg.validate()
+    if not len(clip_sizes) or any(not isinstance(n, (int, np.integer)) or n < 1
+                                  for n in clip_sizes):
+        raise ValueError(f"clip_sizes={list(clip_sizes)!r}: need one or more clips of >= 1 frame")
+    room = cfg.window - cfg.anchor_frames
+    if max(clip_sizes) > room:
+        raise ValueError(f"clip_sizes={list(clip_sizes)!r}: a clip of {max(clip_sizes)} frames "
+                         f"does not fit the window of {cfg.window} frames"
+                         + (f" after {cfg.anchor_frames} anchor frames" if cfg.anchor_frames
+                            else ""))
+    if cfg.anchor_frames and cfg.anchor_frames > cfg.window - max(clip_sizes):
+        raise ValueError(f"sampler: anchor_frames={cfg.anchor_frames} leaves no room for the "
+                         f"clips {list(clip_sizes)} in the window of {cfg.window} frames")
+    rs = model_cfg.rope_scaling
+    if cfg.cache_mode == "rolling" and rs.type == "longrope" and rs.factor_rule == "by_length":
+        raise ValueError("sampler: cache_mode='rolling' re-indexes cached keys, which needs "
+                         "rope_scaling.factor_rule='always_long' (got 'by_length')")
+    h, w = latent_hw
+    p = model_cfg.patch_size
+    if h % p or w % p or h < p or w < p:
+        raise ValueError(f"latent size {h}x{w} is not a positive multiple of the model's "
+                         f"patch_size={p}")
+    if max(h, w) // p > model_cfg.pos_embed_grid:
+        raise ValueError(f"latent size {h}x{w} gives a {h // p}x{w // p} patch grid, larger than "
+                         f"the position table's {model_cfg.pos_embed_grid}")
+    tokens = cfg.window * block_len_for(model_cfg, h, w)
+    if tokens > model_cfg.max_seq_len:
+        raise ValueError(f"sampler: window={cfg.window} frames of {h}x{w} latents is {tokens} "
+                         f"tokens, more than the model's max_seq_len={model_cfg.max_seq_len}")
+    if context_shape is not None:
+        if len(context_shape) != 5:
+            raise ValueError(f"context latents: expected [batch, frames, h, w, channels], got "
+                             f"shape {context_shape}")
+        if context_shape[-1] != model_cfg.latent_channels:
+            raise ValueError(f"context latents: {context_shape[-1]} channels, but the model has "
+                             f"latent_channels={model_cfg.latent_channels}")
+        if context_shape[1] > cfg.window:
+            raise ValueError(f"context of {context_shape[1]} frames is longer than the window "
+                             f"of {cfg.window} frames")
+    if len(seeds) != batch:
+        raise ValueError(f"seeds: {len(seeds)} seeds for a batch of {batch} videos")
+    if any(not isinstance(s, (int, np.integer)) or s < 0 for s in seeds):
+        raise ValueError(f"seeds={list(seeds)!r}: must be integers >= 0")
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _stack(a: layout_lib.Layout, b: layout_lib.Layout) -> layout_lib.Layout:
+    """Two layouts of the same blocks as one [2B] batch (conditional, then unconditional)."""
+    return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
+
+
+def history_layout(batch: int, frames: int, L: int, guided: bool) -> layout_lib.Layout:
+    """The clean history at slots 0..H-1; with guidance, a second half that nothing can see."""
+    cond = layout_lib.clip_layout(batch, frames, L, noisy=False, clip=0)
+    if not guided:
+        return cond
+    return _stack(cond, layout_lib.clip_layout(batch, frames, L, noisy=False, clip=0, valid=False))
+
+
+def noisy_layout(batch: int, frames: int, history: int, L: int, guided: bool):
+    """The noisy clip after the history; the unconditional half alone, positions from 0."""
+    cond = layout_lib.clip_layout(batch, frames, L, noisy=True, clip=1, first_frame=history,
+                                  first_position=history)
+    if not guided:
+        return cond
+    return _stack(cond, layout_lib.clip_layout(batch, frames, L, noisy=True, clip=1))
+
+
+def _block_len(model: VideoGPT, latents_BNhwc) -> int:
+    return block_len_for(model.cfg, *latents_BNhwc.shape[2:4])
+
+
+# ----------------------------------------------------------------------------- the Euler loop
+
+
+def euler(x1_fn: Callable, z0_BNhwc, sigmas, guidance, guided: bool):
+    """Integrate z from sigma_0 to sigma_S; `x1_fn(z, t)` predicts x1 for [B] or, guided, [2B]."""
+    b = z0_BNhwc.shape[0]
+
+    def step(i, z):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        zz = jnp.concatenate([z, z]) if guided else z
+        v = (x1_fn(zz, jnp.full(zz.shape[:2], s)) - zz) / (1 - s)
+        if guided:
+            v = v[b:] + guidance * (v[:b] - v[b:])
+        return z + (s_next - s) * v
+
+    return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, z0_BNhwc)
+
+
+def guided_cache(cache: KVCache, L: int) -> KVCache:
+    """The [2B] cache: keys/values shared, the unconditional half's tokens invalid."""
+    b, s = cache.meta.frame.shape
+    meta = layout_lib.token_meta(history_layout(b, s // L, L, guided=True))
+    return KVCache(LayerKV(*(jnp.concatenate([a, a], axis=1) for a in cache.kv)), meta)
+
+
+def cached_x1_fn(model: VideoGPT, cache: KVCache, num_frames: int, L: int, guided: bool):
+    """The denoiser of every step with a cache: the noisy clip's tokens against the history."""
+    b, s = cache.meta.frame.shape
+    if guided:
+        cache = guided_cache(cache, L)
+    layout = noisy_layout(b, num_frames, s // L, L, guided)
+    return lambda z, t: model.denoise_with_cache(z, t, layout, cache)
+
+
+def recompute_x1_fn(model: VideoGPT, history_BHhwc, num_frames: int, L: int, guided: bool):
+    """The release's denoiser: the whole [history, noisy clip] sequence at every step."""
+    b, hist = history_BHhwc.shape[:2]
+    layout = layout_lib.concat(history_layout(b, hist, L, guided),
+                               noisy_layout(b, num_frames, hist, L, guided))
+    history = jnp.concatenate([history_BHhwc, history_BHhwc]) if guided else history_BHhwc
+    t_history = jnp.ones(history.shape[:2], jnp.float32)  # unused by clean blocks
+
+    def x1(z, t):
+        blocks = jnp.concatenate([history.astype(z.dtype), z], axis=1)
+        return model(blocks, jnp.concatenate([t_history, t], axis=1), layout,
+                     output_blocks=slice(hist, None))
+    return x1
+
+
+# ----------------------------------------------------------------------------- compiled kernels
+# Pure functions of (graphdef, state, arrays); one compiled program per shape.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _build_cache(graphdef, state, clean_BHhwc) -> KVCache:
+    model = nnx.merge(graphdef, state)
+    b, hist = clean_BHhwc.shape[:2]
+    L = _block_len(model, clean_BHhwc)
+    return model.build_cache(clean_BHhwc, layout_lib.clip_layout(b, hist, L, noisy=False, clip=0))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _extend_cache(graphdef, state, cache: KVCache, clean_BNhwc) -> KVCache:
+    model = nnx.merge(graphdef, state)
+    b, n = clean_BNhwc.shape[:2]
+    L = _block_len(model, clean_BNhwc)
+    hist = cache.meta.frame.shape[1] // L
+    layout = layout_lib.clip_layout(b, n, L, noisy=False, clip=0, first_frame=hist,
+                                    first_position=hist)
+    return model.extend_cache(clean_BNhwc, layout, cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _denoise_cached(graphdef, state, cache: KVCache, z0_BNhwc, sigmas, guided, guidance):
+    model = nnx.merge(graphdef, state)
+    L = _block_len(model, z0_BNhwc)
+    x1_fn = cached_x1_fn(model, cache, z0_BNhwc.shape[1], L, guided)
+    return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _denoise_recompute(graphdef, state, history_BHhwc, z0_BNhwc, sigmas, guided, guidance):
+    model = nnx.merge(graphdef, state)
+    L = _block_len(model, z0_BNhwc)
+    x1_fn = recompute_x1_fn(model, history_BHhwc, z0_BNhwc.shape[1], L, guided)
+    return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided)
+
+
+def shift_positions(x_BTHD, delta: int, model_cfg: ModelConfig):
+    """Move keys that already carry RoPE by `delta` positions (the rolling cache's re-indexing).
+
+    RoPE rotations compose, R(p + delta) = R(delta) R(p), so rotating a cached key gives the key
+    RoPE would produce at p + delta. The rotation is unscaled (a LongRoPE attention factor is
+    already in the key) and uses the long factors: exact for the "always_long" rule only, which
+    `check_request` enforces for rolling caches.
+    """
+    inv = inverse_frequencies(model_cfg, True).astype(np.float64)
+    angle = np.concatenate([delta * inv, delta * inv]).astype(np.float32)
+    return apply_rope(x_BTHD, jnp.asarray(np.cos(angle))[None, None],
+                      jnp.asarray(np.sin(angle))[None, None])
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _evict(cache: KVCache, num_evict: int, anchors: int, L: int, model_cfg: ModelConfig):
+    """Drop frames anchors..anchors+num_evict-1 and move the later ones down to close the gap."""
+    a, e = anchors * L, (anchors + num_evict) * L
+
+    def drop(x, axis, rotate=False):
+        tail = jax.lax.slice_in_dim(x, e, x.shape[axis], axis=axis)
+        if rotate:  # [layers, B, S, KV, D]: fold layers into the batch for RoPE
+            shape = tail.shape
+            tail = shift_positions(tail.reshape(-1, *shape[2:]), -num_evict * L,
+                                   model_cfg).reshape(shape)
+        return jnp.concatenate([jax.lax.slice_in_dim(x, 0, a, axis=axis), tail], axis=axis)
+
+    b, s = cache.meta.frame.shape
+    meta = layout_lib.token_meta(layout_lib.clip_layout(b, s // L - num_evict, L, noisy=False,
+                                                        clip=0))
+    return KVCache(LayerKV(drop(cache.kv.k, 2, rotate=True), drop(cache.kv.v, 2)), meta)
+
+
+def initial_noise(seeds: Sequence[int], shape, clip_index: int,
+                  same_noise_every_clip: bool = False) -> np.ndarray:
+    """Each video's starting noise [B, *shape] from its own seed: a batch equals its videos
+    one by one. Drawn on the host (numpy): no compile per clip shape."""
+    clip = 0 if same_noise_every_clip else clip_index
+    return np.stack([np.random.default_rng([s, 0, clip]).standard_normal(shape, np.float32)
+                     for s in seeds])
+
+
+def add_context_noise(latents_BNhwc: np.ndarray, seeds: Sequence[int], clip_index: int,
+                      level: float) -> np.ndarray:
+    """(1 - c) x + c eps, eps per video from (seed, clip): the release's context noise."""
+    eps = np.stack([np.random.default_rng([s, 1, clip_index]).standard_normal(
+        latents_BNhwc.shape[1:], np.float32) for s in seeds])
+    return ((1 - level) * latents_BNhwc + level * eps).astype(np.float32)
+
+
+def empty_cache(model_cfg: ModelConfig, batch: int) -> KVCache:
+    """A cache with no history (generation from nothing)."""
+    kv = jnp.zeros((model_cfg.num_layers, batch, 0, model_cfg.num_kv_heads, model_cfg.head_dim),
+                   dtype_of(model_cfg.dtype))
+    meta = layout_lib.token_meta(layout_lib.clip_layout(batch, 0, 1, noisy=False, clip=0))
+    return KVCache(LayerKV(kv, kv), meta)
+
+
+# ----------------------------------------------------------------------------- the clip loop
+
+
+def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
+                 seeds: Sequence[int], *, context_BFhwc=None, latent_hw=None,
+                 on_clip: Callable[[int, np.ndarray], None] | None = None,
+                 to_context: Callable[[int, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Generate `sum(clip_sizes)` frames after `context_BFhwc` (or from nothing): [B, N, h, w, C].
+
+    seeds: one per video. on_clip(k, latents_BNhwc) runs after clip k (progress, saving).
+    to_context(k, latents_BNhwc) -> latents: what a finished clip contributes to the history (the
+    pipeline's decode -> uint8 -> encode round trip); the sampler's output by default.
+    """
+    model_cfg: ModelConfig = model.cfg
+    if context_BFhwc is not None:
+        context_BFhwc = np.asarray(context_BFhwc, np.float32)
+        if context_BFhwc.ndim == 5:
+            latent_hw = context_BFhwc.shape[2:4]
+    if latent_hw is None:
+        raise ValueError("sample_video: give context latents or latent_hw for generation "
+                         "from nothing")
+    batch = len(seeds) if context_BFhwc is None else context_BFhwc.shape[0]
+    check_request(model_cfg, cfg, clip_sizes,
+                  None if context_BFhwc is None else tuple(context_BFhwc.shape),
+                  tuple(latent_hw), seeds, batch)
+    h, w = latent_hw
+    c = model_cfg.latent_channels
+    L = block_len_for(model_cfg, h, w)
+    graphdef, state = nnx.split(model)
+    sigmas = jnp.asarray(time_grid(cfg.steps, cfg.time_shift))
+    guidance = jnp.float32(cfg.guidance)
+    # The history lives on the host: it only reaches the device when a cache is (re)built.
+    history = (np.zeros((batch, 0, h, w, c), np.float32) if context_BFhwc is None
+               else context_BFhwc)
+    use_cache = cfg.cache_mode != "recompute"
+    cache = None  # built lazily: after a window reset its positions restart at 0
+    clips = []
+    for k, n in enumerate(clip_sizes):
+        hist = history.shape[1]
+        if hist + n > cfg.window:
+            keep = cfg.window - n
+            if cfg.cache_mode == "rolling":
+                drop = hist - keep
+                a = cfg.anchor_frames
+                history = np.concatenate([history[:, :a], history[:, a + drop:]], axis=1)
+                if cache is not None:
+                    cache = _evict(cache, drop, a, L, model_cfg)
+            else:
+                history, cache = history[:, hist - keep:], None
+        if use_cache and cache is None:
+            cache = (_build_cache(graphdef, state, history) if history.shape[1]
+                     else empty_cache(model_cfg, batch))
+        guided = cfg.guidance != 1.0 and history.shape[1] > 0
+        z0 = initial_noise(seeds, (n, h, w, c), k, cfg.same_noise_every_clip)
+        if use_cache:
+            clip = _denoise_cached(graphdef, state, cache, z0, sigmas, guided, guidance)
+        else:
+            clip = _denoise_recompute(graphdef, state, history, z0, sigmas, guided, guidance)
+        clips.append(np.asarray(clip))
+        if on_clip is not None:
+            on_clip(k, clips[-1])
+        if k + 1 == len(clip_sizes):
+            break
+        new = np.asarray(to_context(k, clips[-1]) if to_context is not None else clips[-1],
+                         np.float32)
+        if cfg.context_noise > 0:
+            new = add_context_noise(new, seeds, k, cfg.context_noise)
+        history = np.concatenate([history, new], axis=1)
+        if use_cache:
+            resets = cfg.cache_mode == "window" and history.shape[1] + clip_sizes[k + 1] > cfg.window
+            cache = None if resets else _extend_cache(graphdef, state, cache, new)
+    return np.concatenate(clips, axis=1)
