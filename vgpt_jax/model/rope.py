@@ -20,11 +20,14 @@ from vgpt_jax.config import ModelConfig
 
 def inverse_frequencies(cfg: ModelConfig, use_long: bool) -> np.ndarray:
     hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+    exponents = np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)
+    base_pow = np.float32(cfg.rope_theta) ** exponents
     rs = cfg.rope_scaling
     if rs.type == "longrope":
-        inv = inv / np.asarray(rs.long_factor if use_long else rs.short_factor, np.float32)
-    return inv.astype(np.float32)
+        # transformers' float32 order of operations, 1 / (factor * base**x): dividing afterwards
+        # differs by an ulp, which RoPE multiplies by the position (~3e-4 in cos at 5k positions).
+        base_pow = np.asarray(rs.long_factor if use_long else rs.short_factor, np.float32) * base_pow
+    return (np.float32(1.0) / base_pow).astype(np.float32)
 
 
 def attention_factor(cfg: ModelConfig) -> float:

@@ -1,0 +1,456 @@
+"""The official checkpoint converts, and the converted model reproduces the official forward.
+
+A tiny checkpoint folder in the released format (Phi-3 `config.json`, tokenizer files,
+`model.safetensors` with every key of `LVM/model.py`) is built from a PyTorch model assembled
+here with the reference semantics: transformers `Phi3Model`, Conv2d patch embedders plus the
+cropped sin-cos buffer, the two time embedders, the DiT final layer, unpatchify (p, q, c). The
+torch sequence uses the *reference* block order [NS(clip1) CL(clip1) NS(clip2) ... NS(clipK)],
+positions and mask; our model runs the frame-major layout; predictions per noisy frame agree.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+from flax import nnx  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import Phi3Config, Phi3Model  # noqa: E402
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
+
+from vgpt_jax import checkpoint, convert_official, layout  # noqa: E402
+from vgpt_jax.config import ModelConfig  # noqa: E402
+
+D, HEADS, KV_HEADS, LAYERS, MLP, VOCAB = 64, 4, 2, 2, 96, 40
+C, P, GRID, FREQ = 4, 2, 192, 256
+H, W = 4, 6                        # latent frame: a 2 x 3 patch grid (non-square on purpose)
+L = (H // P) * (W // P) + 2        # tokens per frame block
+MARKERS = {"<|diffusion|>": 37, "<img>": 35, "</img>": 36}
+CLIP_IDS = np.array([[0, 0, 1, 2], [0, 1, 1, 1]], np.int32)
+ORIG_MAX = 32                      # > the longest test sequence (4 * L): stock transformers
+HALF = D // HEADS // 2             # would use the short LongRoPE factors here
+
+
+# ----------------------------------------------------------------------------- official model
+
+
+def official_pos_embed(dim, grid, base_size=64, interpolation_scale=1.0):
+    """The official get_2d_sincos_pos_embed (SD3 style): meshgrid(w, h), float32 coordinates."""
+    coords = np.arange(grid, dtype=np.float32) / (grid / base_size) / interpolation_scale
+    mesh = np.stack(np.meshgrid(coords, coords), axis=0).reshape(2, 1, grid, grid)
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_d(dim // 2, mesh[0]), one_d(dim // 2, mesh[1])], axis=1)
+
+
+class PatchEmbed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(C, D, P, stride=P, bias=True)
+
+    def forward(self, x_NCHW):
+        return self.proj(x_NCHW).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(FREQ, D), torch.nn.SiLU(),
+                                       torch.nn.Linear(D, D))
+
+    def forward(self, t):  # t in [0, 1], not x1000; [cos, sin]
+        half = FREQ // 2
+        freqs = torch.exp(-np.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+        args = t[:, None].float() * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class FinalLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm_final = torch.nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.linear = torch.nn.Linear(D, P * P * C)
+        self.adaLN_modulation = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(D, 2 * D))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(self.norm_final(x) * (1 + scale[:, None]) + shift[:, None])
+
+
+class OfficialVideoGPT(torch.nn.Module):
+    def __init__(self, phi3_config):
+        super().__init__()
+        self.x_embedder, self.input_x_embedder = PatchEmbed(), PatchEmbed()
+        self.time_token, self.t_embedder = TimestepEmbedder(), TimestepEmbedder()
+        self.final_layer = FinalLayer()
+        table = torch.from_numpy(official_pos_embed(D, GRID)).float()[None]
+        self.register_buffer("pos_embed", table, persistent=True)
+        self.llm = Phi3Model(phi3_config)
+
+    def patches(self, embedder, x_NCHW):
+        top, left = (GRID - H // P) // 2, (GRID - W // P) // 2
+        pos = self.pos_embed.reshape(1, GRID, GRID, D)[:, top:top + H // P, left:left + W // P]
+        return embedder(x_NCHW) + pos.reshape(1, -1, D)
+
+    def unpatchify(self, x):
+        x = x.reshape(x.shape[0], H // P, W // P, P, P, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, H, W)
+
+
+def reference_sequence(model, noisy_FCHW, clean_FCHW, t_F, clip_ids):
+    """Embeddings, positions, block kinds and frames in the reference order, no padding."""
+    emb = model.llm.embed_tokens.weight
+    mark = lambda name: emb[MARKERS[name]][None]
+    tokens, blocks = [], []  # blocks: (noisy, clip, frame)
+    num_clips = clip_ids.max() + 1
+    for k in range(num_clips):
+        frames = np.nonzero(clip_ids == k)[0]
+        for f in frames:
+            img = model.patches(model.x_embedder, noisy_FCHW[f:f + 1])[0]
+            tokens.append(torch.cat([mark("<|diffusion|>"), model.time_token(t_F[f:f + 1]), img]))
+            blocks.append((True, k, f))
+        if k < num_clips - 1:  # the last clip appears only in noisy form
+            for f in frames:
+                img = model.patches(model.input_x_embedder, clean_FCHW[f:f + 1])[0]
+                tokens.append(torch.cat([mark("<img>"), img, mark("</img>")]))
+                blocks.append((False, k, f))
+    positions = np.concatenate([f * L + np.arange(L) for _, _, f in blocks])
+    return torch.cat(tokens), positions, blocks
+
+
+def reference_mask(blocks):
+    """The hierarchical mask written per block pair, from video_gpt.md section 3."""
+    n = len(blocks)
+    mask = np.zeros((n * L, n * L), bool)
+    clean_in_frame = np.zeros((L, L), bool)
+    clean_in_frame[0, 0] = True                  # <img> sees only itself
+    clean_in_frame[1:L - 1, :L - 1] = True       # image tokens: <img> and the frame's image
+    clean_in_frame[L - 1] = True                 # </img> sees its whole block
+    noisy_in_clip = np.zeros((L, L), bool)
+    noisy_in_clip[:, 0] = True                   # <|diffusion|> seen by every row of the clip
+    noisy_in_clip[1:, 1] = True                  # the t token by rows with offset >= 1
+    noisy_in_clip[2:, 2:] = True                 # image tokens by rows with offset >= 2
+    for i, (q_noisy, q_clip, q_frame) in enumerate(blocks):
+        for j, (k_noisy, k_clip, k_frame) in enumerate(blocks):
+            tile = mask[i * L:(i + 1) * L, j * L:(j + 1) * L]
+            if not q_noisy and not k_noisy:
+                if k_frame < q_frame:
+                    tile[:] = True
+                elif k_frame == q_frame:
+                    tile[:] = clean_in_frame
+            elif q_noisy and not k_noisy and k_clip < q_clip:
+                tile[:] = True
+            elif q_noisy and k_noisy and k_clip == q_clip:
+                tile[:] = noisy_in_clip
+    return mask
+
+
+def official_rotary(model, phi3_config):
+    """What the official attention does: rotary_emb(..., seq_len=5000) at every length."""
+    rot = model.llm.rotary_emb
+    inv, _ = ROPE_INIT_FUNCTIONS["longrope"](phi3_config, None, seq_len=5000)
+    rot.original_inv_freq, rot.long_inv_freq = inv.clone(), inv.clone()
+
+
+@torch.no_grad()
+def reference_predictions(model, noisy, clean, t, clip_ids):
+    """x1 predictions [F, h, w, C] of one sample, frame by frame."""
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+    seq, positions, blocks = reference_sequence(model, to_t(noisy), to_t(clean),
+                                                torch.from_numpy(t), clip_ids)
+    additive = np.where(reference_mask(blocks), 0.0, np.finfo(np.float32).min)
+    hidden = model.llm(inputs_embeds=seq[None], position_ids=torch.from_numpy(positions)[None],
+                       attention_mask=torch.from_numpy(additive).float()[None, None]
+                       ).last_hidden_state[0]
+    out = np.zeros(noisy.shape, np.float32)
+    for b, (is_noisy, _, f) in enumerate(blocks):
+        if is_noisy:
+            img = hidden[b * L + 2:(b + 1) * L][None]
+            x = model.final_layer(img, model.t_embedder(torch.from_numpy(t[f:f + 1])))
+            out[f] = model.unpatchify(x)[0].permute(1, 2, 0).numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------- folder
+
+
+def phi3_json(longrope: bool, rng) -> dict:
+    cfg = dict(architectures=["Phi3ForCausalLM"], model_type="phi3", vocab_size=VOCAB,
+               hidden_size=D, intermediate_size=MLP, num_hidden_layers=LAYERS,
+               num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rms_norm_eps=1e-5,
+               rope_theta=10000.0, max_position_embeddings=4 * ORIG_MAX,
+               original_max_position_embeddings=ORIG_MAX, hidden_act="silu", rope_scaling=None,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if longrope:
+        cfg["rope_scaling"] = dict(type="longrope",
+                                   long_factor=(1 + 30 * rng.random(HALF)).tolist(),
+                                   short_factor=(1 + 0.2 * rng.random(HALF)).tolist())
+    return cfg
+
+
+def write_folder(folder, config_json, state_dict):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config_json, f)
+    added = [dict(id=i, content=tok, special=True) for tok, i in MARKERS.items()]
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        json.dump(dict(added_tokens=added, model=dict(type="BPE", vocab={"a": 3})), f)
+    with open(os.path.join(folder, "added_tokens.json"), "w") as f:
+        json.dump(MARKERS, f)
+    save_file({k: v.contiguous() for k, v in state_dict.items()},
+              os.path.join(folder, convert_official.SAFETENSORS))
+
+
+def official_model(config_json, seed):
+    torch.manual_seed(seed)
+    phi3 = Phi3Config(**config_json, attn_implementation="eager")
+    model = OfficialVideoGPT(phi3).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.normal_()
+            elif name.startswith("llm."):  # O(1) attention logits: the mask and RoPE matter
+                p.normal_(0.0, 0.15)
+    return model, phi3
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    f = CLIP_IDS.shape[1]
+    noisy = rng.normal(size=(2, f, H, W, C)).astype(np.float32)
+    clean = rng.normal(size=(2, f, H, W, C)).astype(np.float32)
+    t_clip = rng.random((2, f)).astype(np.float32)
+    t = np.take_along_axis(t_clip, CLIP_IDS, axis=1)  # one t per clip
+    return noisy, clean, t
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Official checkpoint folders without and with LongRoPE: {longrope: (folder, torch model)}."""
+    out = {}
+    for longrope in (False, True):
+        config_json = phi3_json(longrope, np.random.default_rng(1))
+        model, phi3 = official_model(config_json, seed=2)
+        src = str(tmp_path_factory.mktemp("official"))
+        write_folder(src, config_json, model.state_dict())
+        out[longrope] = dict(src=src, torch_model=model, phi3=phi3)
+    return out
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain_rope", "longrope"])
+def converted(request, folders, tmp_path_factory):
+    folder = folders[request.param]
+    out = str(tmp_path_factory.mktemp("export"))
+    convert_official.convert(folder["src"], out, dtype="float32")
+    ours, config = checkpoint.load_model(out)
+    return dict(folder, longrope=request.param, ours=ours, config=config)
+
+
+@nnx.jit
+def _predict(model, blocks, t_blocks, lay):
+    return model(blocks, t_blocks, lay, output_blocks=slice(0, None, 2))
+
+
+def our_predictions(model, noisy, clean, t):
+    b, f = t.shape
+    blocks = np.stack([noisy, clean], axis=2).reshape(b, 2 * f, H, W, C)
+    t_blocks = np.stack([t, np.ones_like(t)], axis=2).reshape(b, 2 * f)
+    return np.asarray(_predict(model, blocks, t_blocks, layout.training_layout(CLIP_IDS, L)))
+
+
+def test_converted_model_matches_official_forward(converted, inputs):
+    noisy, clean, t = inputs
+    model = converted["torch_model"]
+    if converted["longrope"]:
+        official_rotary(model, converted["phi3"])
+    ours = our_predictions(converted["ours"], noisy, clean, t)
+    for b in range(len(CLIP_IDS)):
+        ref = reference_predictions(model, noisy[b], clean[b], t[b], CLIP_IDS[b])
+        np.testing.assert_allclose(ours[b], ref, atol=1e-4, rtol=1e-4, err_msg=f"sample {b}")
+    assert np.abs(ours).mean() > 0.1  # the comparison is not between near-zero outputs
+
+
+def test_official_longrope_rule_is_always_long(converted, inputs):
+    """Stock transformers uses the short factors for these short sequences; the official code
+    (and our default) the long ones. The parity above would fail with the stock rule."""
+    if not converted["longrope"]:
+        pytest.skip("no LongRoPE in this checkpoint")
+    mc = ModelConfig.from_config(converted["config"].model)
+    assert mc.rope_scaling.factor_rule == "always_long"
+    noisy, clean, t = inputs
+    stock, _ = official_model(phi3_json(True, np.random.default_rng(1)), seed=2)
+    ref = reference_predictions(stock, noisy[0], clean[0], t[0], CLIP_IDS[0])
+    ours = our_predictions(converted["ours"], noisy, clean, t)[0]
+    assert np.abs(ours - ref).max() > 1e-3
+
+
+def test_config_and_markers(converted):
+    model_cfg, phi3 = converted["config"].model, converted["phi3"]
+    assert (model_cfg.num_layers, model_cfg.hidden_size, model_cfg.num_heads,
+            model_cfg.num_kv_heads, model_cfg.mlp_dim) == (LAYERS, D, HEADS, KV_HEADS, MLP)
+    assert (model_cfg.latent_channels, model_cfg.patch_size, model_cfg.pos_embed_grid) == (C, P, GRID)
+    assert list(converted["config"].pretrained.marker_token_ids) == [37, 35, 36]
+    rows = converted["torch_model"].llm.embed_tokens.weight.detach().numpy()[[37, 35, 36]]
+    np.testing.assert_array_equal(np.asarray(converted["ours"].markers[...]), rows)
+    if converted["longrope"]:
+        rs = model_cfg.rope_scaling
+        assert list(rs.long_factor) == phi3.rope_parameters["long_factor"]
+        assert (rs.original_max_position_embeddings, rs.max_position_embeddings) == (
+            ORIG_MAX, 4 * ORIG_MAX)
+
+
+def test_cli_bfloat16_export(folders, tmp_path):
+    from tools.convert_official import main
+    out = str(tmp_path / "bf16")
+    assert main(["--source", folders[True]["src"], "--output", out, "--dtype", "bfloat16"]) == 0
+    model, config = checkpoint.load_model(out)
+    assert config.model.param_dtype == "bfloat16" and config.model.dtype == "bfloat16"
+    qkv = np.asarray(model.decoder.qkv_proj[...])
+    assert qkv.dtype == np.dtype("bfloat16")
+    assert config.model.rope_scaling.type == "longrope"
+    sd = folders[True]["torch_model"].state_dict()
+    expect = sd["llm.layers.1.self_attn.qkv_proj.weight"].T.bfloat16().float().numpy()
+    np.testing.assert_array_equal(qkv[1].astype(np.float32), expect)
+
+
+def test_load_pretrained_converts_once(folders, tmp_path, monkeypatch):
+    calls = []
+    real = convert_official.convert
+    monkeypatch.setattr(convert_official, "convert",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    src = str(tmp_path / "src")
+    shutil.copytree(folders[False]["src"], src)
+    cache = str(tmp_path / "cache")
+    model, _ = convert_official.load_pretrained(src, cache_dir=cache, dtype="float32")
+    again, _ = convert_official.load_pretrained(src, cache_dir=cache, dtype="float32")
+    assert len(calls) == 1
+    expect = folders[False]["torch_model"].state_dict()["llm.layers.0.self_attn.o_proj.weight"]
+    np.testing.assert_array_equal(np.asarray(model.decoder.o_proj[0]), expect.T.numpy())
+    np.testing.assert_array_equal(np.asarray(again.decoder.o_proj[...]),
+                                  np.asarray(model.decoder.o_proj[...]))
+    os.utime(os.path.join(src, "config.json"), ns=(1, 1))  # a changed source converts again
+    convert_official.load_pretrained(src, cache_dir=cache, dtype="float32")
+    assert len(calls) == 2
+    assert len(os.listdir(os.path.join(cache, "converted"))) == 2
+    # The sampling pipeline's entry point uses the same cache.
+    from vgpt_jax.pipeline import Pipeline
+    from vgpt_jax.vae.latent_space import SpaceToDepth
+    pipe = Pipeline.from_pretrained(src, cache_dir=cache, dtype="float32",
+                                    latent_space=SpaceToDepth(1))
+    assert len(calls) == 2
+    assert pipe.config.latent_space.path == "stabilityai/sdxl-vae"
+    np.testing.assert_array_equal(np.asarray(pipe.model.decoder.o_proj[...]),
+                                  np.asarray(model.decoder.o_proj[...]))
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture(scope="module")
+def source(folders):
+    return folders[False]["src"]
+
+
+def variant(src, dst, edit_state=None, drop=None):
+    shutil.copytree(src, dst)
+    if drop:
+        os.remove(os.path.join(dst, drop))
+    if edit_state:
+        path = os.path.join(dst, convert_official.SAFETENSORS)
+        sd = load_file(path)
+        edit_state(sd)
+        save_file(sd, path)
+    return str(dst)
+
+
+@pytest.mark.parametrize("drop, message", [
+    ("config.json", "no config.json"),
+    (convert_official.SAFETENSORS, "has no weights"),
+    ("tokenizer.json", None),                 # added_tokens.json still names the markers
+])
+def test_missing_files(source, tmp_path, drop, message):
+    folder = variant(source, tmp_path / "v", drop=drop)
+    if message is None:
+        assert convert_official.marker_token_ids(folder) == (37, 35, 36)
+        return
+    with pytest.raises(convert_official.ConversionError, match=message):
+        convert_official.convert(folder, str(tmp_path / "out"))
+
+
+def test_missing_marker_token(source, tmp_path):
+    folder = variant(source, tmp_path / "v", drop="tokenizer.json")
+    with open(os.path.join(folder, "added_tokens.json"), "w") as f:
+        json.dump({"<img>": 35, "</img>": 36}, f)
+    with pytest.raises(convert_official.ConversionError, match=r"'<\|diffusion\|>' not found"):
+        convert_official.convert(folder, str(tmp_path / "out"))
+
+
+def _rename(sd, old, new):
+    sd[new] = sd.pop(old)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: sd.pop("llm.layers.1.mlp.down_proj.weight"),
+     r"missing keys \['llm.layers.1.mlp.down_proj.weight'\]"),
+    (lambda sd: sd.__setitem__("llm.layers.2.mlp.down_proj.weight", torch.zeros(D, MLP)),
+     r"unexpected keys \['llm.layers.2.mlp.down_proj.weight'\]"),
+    (lambda sd: sd.__setitem__("t_embedder.mlp.2.weight", torch.zeros(D, D + 1)),
+     r"mis-shaped keys \['t_embedder.mlp.2.weight: \(64, 65\) \(expected \(64, 64\)\)'\]"),
+    (lambda sd: _rename(sd, "final_layer.linear.bias", "final_layer.linear.b"),
+     r"missing keys \['final_layer.linear.bias'\], unexpected keys \['final_layer.linear.b'\]"),
+])
+def test_bad_state_dict_names_the_key(source, tmp_path, edit, message):
+    folder = variant(source, tmp_path / "v", edit_state=edit)
+    with pytest.raises(convert_official.ConversionError, match=message):
+        convert_official.convert(folder, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")  # checked before anything is written
+
+
+def test_bfloat16_source(source, folders, tmp_path):
+    """Released checkpoints may store bf16 tensors (pos_embed included: checked to bf16 precision)."""
+    def to_bf16(sd):
+        for k in sd:
+            sd[k] = sd[k].bfloat16()
+    folder = variant(source, tmp_path / "v", edit_state=to_bf16)
+    model, _ = convert_official.load_pretrained(folder, cache_dir=str(tmp_path / "c"),
+                                                dtype="float32")
+    emb = folders[False]["torch_model"].llm.embed_tokens.weight.detach()
+    np.testing.assert_array_equal(np.asarray(model.markers[...]),
+                                  emb[[37, 35, 36]].bfloat16().float().numpy())
+
+
+def test_pos_embed_mismatch(source, tmp_path):
+    def transpose_grid(sd):  # height channels first: a layout the model would misplace
+        table = sd["pos_embed"].reshape(GRID, GRID, D)
+        sd["pos_embed"] = table.transpose(0, 1).reshape(1, GRID * GRID, D).contiguous()
+    folder = variant(source, tmp_path / "v", edit_state=transpose_grid)
+    with pytest.raises(convert_official.ConversionError, match="'pos_embed' differs"):
+        convert_official.convert(folder, str(tmp_path / "out"))
+
+
+def test_rope_factor_rules():
+    rng = np.random.default_rng(3)
+    phi3 = phi3_json(True, rng)
+    shapes = {"x_embedder.proj.weight": (D, C, P, P), "time_token.mlp.0.weight": (D, FREQ),
+              "pos_embed": (1, GRID * GRID, D)}
+    stock = convert_official.model_config_from_phi3(phi3, shapes, rope_factor_rule="by_length")
+    assert stock.rope_scaling.factor_rule == "by_length"
+    # With original_max >= 5000 the official seq_len=5000 picks the short factors everywhere.
+    phi3["original_max_position_embeddings"] = 8192
+    phi3["max_position_embeddings"] = 4 * 8192
+    official = convert_official.model_config_from_phi3(phi3, shapes)
+    assert official.rope_scaling.factor_rule == "always_long"
+    assert list(official.rope_scaling.long_factor) == phi3["rope_scaling"]["short_factor"]
+    phi3["rope_scaling"]["type"] = "dynamic"
+    with pytest.raises(convert_official.ConversionError, match="rope_scaling type 'dynamic'"):
+        convert_official.model_config_from_phi3(phi3, shapes)
