@@ -1,0 +1,153 @@
+"""The main job: a world model trained end to end on the embedded physics world, on a CPU.
+
+    python -m vgpt_jax demo --workdir runs/demo
+
+1. simulates the physics world (balls under gravity, elastic collisions): training videos, and
+   held-out test scenarios in two takes that differ by a tiny perturbation;
+2. builds the latent store (`data.ingest.ingest_arrays`; space-to-depth latents by default, a
+   small trained VAE with `--config.latent_space.kind=autoencoder_kl`... see `demo_config`);
+3. pretrains a small Video-GPT by next clip diffusion (`train.train`, checkpoints in
+   `workdir/train`, metrics in `workdir/train/metrics.jsonl` and TensorBoard);
+4. predicts the held-out continuations from their first frames, with the same sampler users
+   call (`pipeline.Pipeline`), and scores them against copy-the-last-frame and linear
+   extrapolation in latent space (`evaluate`);
+5. writes `workdir/eval/report.{md,json}`, grids `context | prediction | ... | ground truth`
+   per held-out video, and the model export `workdir/model` (reload it with
+   `Pipeline.from_checkpoint` or `vgpt sample --checkpoint workdir/model`).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import ml_collections
+import numpy as np
+
+from vgpt_jax.config import get_train_config
+
+
+def demo_config(size: str = "default") -> ml_collections.ConfigDict:
+    """The demo's settings. `size="quick"` is the reduced run the test suite uses."""
+    cfg = get_train_config("small")
+    cfg.world = ml_collections.ConfigDict(dict(
+        num_train_videos=2048, num_test_videos=16, num_frames=16, frame_size=32, fps=16.0,
+        scenarios=("balls",), max_balls=2, seed=0))
+    cfg.latent_space = ml_collections.ConfigDict(dict(kind="space_to_depth", downsample=4))
+    m = cfg.model
+    m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.mlp_dim = 128, 3, 2, 2, 512
+    m.attention.impl = "dense"
+    cfg.data.num_frames = 8
+    cfg.data.stride_min = cfg.data.stride_max = 1
+    cfg.data.clip_mode = "random"
+    cfg.data.global_batch_size = 8
+    cfg.optim.learning_rate = 2e-3
+    cfg.optim.weight_decay = 0.0
+    cfg.optim.schedule = "cosine"
+    cfg.optim.warmup_steps = 100
+    cfg.optim.end_lr_ratio = 0.1
+    cfg.train.steps = 1500
+    cfg.train.log_every = 50
+    cfg.checkpoint.save_interval_steps = 500
+    cfg.checkpoint.max_to_keep = 1
+    cfg.eval = ml_collections.ConfigDict(dict(
+        context_frames=4, predict_frames=4, clip_frames=4, steps=20, guidance=1.0, seed=0,
+        max_grids=8))
+    if size == "quick":
+        cfg.world.num_train_videos, cfg.world.num_test_videos = 64, 2
+        m.hidden_size, m.num_layers, m.mlp_dim = 64, 1, 128
+        cfg.data.global_batch_size = 4
+        cfg.train.steps, cfg.train.log_every = 4, 2
+        cfg.checkpoint.save_interval_steps = 4
+        cfg.optim.warmup_steps = 1
+        cfg.eval.steps, cfg.eval.max_grids = 2, 1
+    elif size != "default":
+        raise ValueError(f"demo size {size!r}: 'default' or 'quick'")
+    return cfg
+
+
+def _stage(message: str, t0: float) -> None:
+    print(f"[{time.perf_counter() - t0:7.1f}s] {message}", flush=True)
+
+
+def make_world(cfg):
+    from vgpt_jax.data import physics_world
+    w = cfg.world
+    world = physics_world.WorldConfig(size=w.frame_size, fps=w.fps, scenarios=tuple(w.scenarios),
+                                      max_balls=w.max_balls)
+    train = physics_world.make_dataset(w.num_train_videos, w.num_frames, w.frame_size, w.seed,
+                                       "train", config=world)
+    test = physics_world.make_dataset(w.num_test_videos, w.num_frames, w.frame_size, w.seed,
+                                      "test", config=world, num_takes=2)
+    return train, test
+
+
+def held_out(test_clips):
+    from vgpt_jax.evaluate import HeldOutVideo
+    takes = {}
+    for clip in test_clips:
+        takes.setdefault(clip.name.rsplit("-take", 1)[0], {})[clip.take] = clip
+    return [HeldOutVideo(name, t[0].frames, t[1].frames, t[0].fps) for name, t in sorted(takes.items())]
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run the whole job in `workdir` (resumes training if a checkpoint is there)."""
+    from vgpt_jax import checkpoint, evaluate, train
+    from vgpt_jax.data.ingest import ingest_arrays
+    from vgpt_jax.pipeline import Pipeline
+    from vgpt_jax.vae.latent_space import make_latent_space
+
+    t0 = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    _stage(f"simulating the physics world: {cfg.world.num_train_videos} training videos, "
+           f"{cfg.world.num_test_videos} test scenarios x 2 takes", t0)
+    train_clips, test_clips = make_world(cfg)
+
+    store_dir = os.path.join(workdir, "latents")
+    _stage(f"encoding latents ({cfg.latent_space.kind}) into {store_dir}", t0)
+    space = make_latent_space(cfg.latent_space.to_dict())
+    cfg.model.latent_channels = space.channels
+    if not os.path.exists(os.path.join(store_dir, "manifest.json")):
+        ingest_arrays(((c.frames, c.fps, c.name) for c in train_clips), store_dir,
+                      latent_space=space, num_shards=1, overwrite=True)
+    cfg.data.store = store_dir
+
+    train_dir = os.path.join(workdir, "train")
+    _stage(f"training {cfg.train.steps} steps -> {train_dir} (metrics.jsonl, TensorBoard)", t0)
+    result = train.train(cfg, train_dir)
+    loss = result.metrics.get("loss")
+    _stage(f"trained to step {result.step}" + (f": loss {loss:.4f}" if loss is not None
+                                                else " (restored: nothing left to train)"), t0)
+
+    model_dir = os.path.join(workdir, "model")
+    pipeline = Pipeline.from_checkpoint(train_dir, latent_space=space)
+    checkpoint.export_model(model_dir, pipeline.model, cfg)
+
+    e = cfg.eval
+    videos = held_out(test_clips)
+    _stage(f"predicting {len(videos)} held-out videos: {e.context_frames} context frames -> "
+           f"{e.predict_frames} new, {e.steps} steps, guidance {e.guidance}", t0)
+    report, predictions = evaluate.evaluate(
+        pipeline, videos, context_frames=e.context_frames, predict_frames=e.predict_frames,
+        clip_frames=e.clip_frames, steps=e.steps, guidance=e.guidance, seed=e.seed)
+    eval_dir = os.path.join(workdir, "eval")
+    evaluate.write_report(report, eval_dir, videos, predictions, e.context_frames,
+                          max_grids=e.max_grids, fps=cfg.world.fps / 2)
+    report["seconds"] = time.perf_counter() - t0
+    _stage(f"done; report in {eval_dir}/report.md, model in {model_dir}", t0)
+    print(evaluate.markdown_report(report))
+    return report
+
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="vgpt demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--size", default="default", choices=("default", "quick"))
+    p.add_argument("--steps", type=int, default=0, help="training steps (0: the config's)")
+    args = p.parse_args(argv)
+    cfg = demo_config(args.size)
+    if args.steps:
+        cfg.train.steps = args.steps
+    run(cfg, args.workdir)
+    return 0

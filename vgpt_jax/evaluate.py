@@ -1,0 +1,272 @@
+"""Evaluate a model on held-out videos: predictions, baselines, metrics, report and grids.
+
+For each held-out video the first `context_frames` frames condition the model, which predicts
+the next `predict_frames`; two baselines predict the same frames: copy-the-last-frame and linear
+extrapolation in latent space (`z_{C-1} + k (z_{C-1} - z_{C-2})`, decoded). Every method is
+scored against the ground truth with MSE, PSNR and SSIM on [0, 1] pixels (and FVD when asked
+and the I3D extra is installed), and, for videos that come with a second take (the physics
+world's test scenarios or a Physics-IQ style set), with the Physics-IQ style score. Reports are
+a JSON file and a markdown table; grids are `context | method... | ground truth` videos.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from vgpt_jax.eval import metrics as metrics_lib
+from vgpt_jax.eval import physics_iq
+from vgpt_jax.vae.latent_space import LatentSpace
+
+
+@dataclasses.dataclass
+class HeldOutVideo:
+    name: str
+    frames: np.ndarray                   # uint8 [T, H, W, 3], T >= context + predict
+    second_take: np.ndarray | None = None  # uint8 [T, H, W, 3]: same start, tiny perturbation
+    fps: float = 16.0
+
+
+def copy_last_frame(context_FHW3: np.ndarray, n: int) -> np.ndarray:
+    return np.repeat(context_FHW3[-1:], n, axis=0)
+
+
+def linear_extrapolation(space: LatentSpace, context_FHW3: np.ndarray, n: int) -> np.ndarray:
+    """Extrapolate the last two context latents linearly, then decode: [n, H, W, 3] uint8."""
+    z = space.encode(context_FHW3[-2:])
+    steps = np.arange(1, n + 1, dtype=np.float32)[:, None, None, None]
+    return space.decode(z[-1:] + steps * (z[-1:] - z[-2:-1]))
+
+
+def check_videos(videos: Sequence[HeldOutVideo], context_frames: int, predict_frames: int):
+    """Clear errors for an unusable held-out set, before any model runs."""
+    if not videos:
+        raise ValueError("held-out set is empty")
+    if context_frames < 2:
+        raise ValueError(f"context_frames={context_frames}: need at least 2 (the linear "
+                         "extrapolation baseline uses the last two)")
+    need = context_frames + predict_frames
+    first = videos[0].frames.shape[1:]
+    for v in videos:
+        if v.frames.ndim != 4 or v.frames.shape[-1] != 3 or v.frames.dtype != np.uint8:
+            raise ValueError(f"{v.name}: expected uint8 frames [T, H, W, 3], got "
+                             f"{v.frames.dtype} {v.frames.shape}")
+        if len(v.frames) < need:
+            raise ValueError(f"{v.name}: {len(v.frames)} frames, but context {context_frames} + "
+                             f"prediction {predict_frames} = {need} are needed")
+        if v.frames.shape[1:] != first:
+            raise ValueError(f"{v.name}: frame size {v.frames.shape[1:3]} differs from "
+                             f"{videos[0].name}'s {first[:2]}; a held-out set has one size")
+        if v.second_take is not None and v.second_take.shape != v.frames.shape:
+            raise ValueError(f"{v.name}: second take {v.second_take.shape} does not match "
+                             f"{v.frames.shape}")
+
+
+def predict_all(pipeline, videos, context_frames, predict_frames, *, clip_frames, steps,
+                guidance, seed, batch_size=8, progress=None) -> np.ndarray:
+    """Model predictions for every video: uint8 [N, predict_frames, H, W, 3]."""
+    sizes = [clip_frames] * (predict_frames // clip_frames)
+    if predict_frames % clip_frames:
+        sizes.append(predict_frames % clip_frames)
+    out = []
+    for start in range(0, len(videos), batch_size):
+        chunk = videos[start:start + batch_size]
+        context = np.stack([v.frames[:context_frames] for v in chunk])
+        result = pipeline.predict(context, clip_sizes=sizes, steps=steps, guidance=guidance,
+                                  seed=[seed + start + i for i in range(len(chunk))])
+        out.append(result.frames)
+        if progress is not None:
+            progress(len(chunk))
+    return np.concatenate(out)
+
+
+def score(predictions: dict[str, np.ndarray], truth_NTHW3: np.ndarray) -> dict[str, dict]:
+    """MSE / PSNR / SSIM of each method on [0, 1] pixels, averaged over frames and videos."""
+    table = {}
+    for name, pred in predictions.items():
+        table[name] = {
+            "mse": float(np.mean(metrics_lib.mse(pred, truth_NTHW3))),
+            "psnr": float(np.mean(metrics_lib.psnr(pred, truth_NTHW3))),
+            "ssim": float(np.mean(metrics_lib.ssim(pred, truth_NTHW3))),
+        }
+    return table
+
+
+def physics_iq_scores(predictions: dict[str, np.ndarray], videos, context_frames) -> dict:
+    """Physics-IQ style scores (take 1 = ground truth, take 2 = physical variance) per method."""
+    if any(v.second_take is None for v in videos):
+        return {}
+    n = next(iter(predictions.values())).shape[1]
+    out = {}
+    for name, pred in predictions.items():
+        scenarios = [dict(take1=v.frames[context_frames:context_frames + n],
+                          take2=v.second_take[context_frames:context_frames + n],
+                          prediction=p, scenario=v.name) for v, p in zip(videos, pred)]
+        result = physics_iq.score_scenarios(scenarios)
+        out[name] = {"original": float(result["original"]), "verified": float(result["verified"])}
+    return out
+
+
+def grid(context_FHW3, predictions: dict[str, np.ndarray], truth_THW3, gap=2) -> np.ndarray:
+    """`context | method... | ground truth` panels over time: uint8 [C + P, H, W', 3].
+
+    The context panel freezes on the last context frame; every other panel shows the context
+    first, then its own continuation.
+    """
+    c = len(context_FHW3)
+    p = len(truth_THW3)
+    frozen = np.concatenate([context_FHW3, copy_last_frame(context_FHW3, p)])
+    panels = [frozen] + [np.concatenate([context_FHW3, pred]) for pred in predictions.values()]
+    panels.append(np.concatenate([context_FHW3, truth_THW3]))
+    t, h, _, _ = panels[0].shape
+    spacer = np.full((t, h, gap, 3), 255, np.uint8)
+    row = [x for panel in panels for x in (panel, spacer)][:-1]
+    out = np.concatenate(row, axis=2)
+    out[c:, :2] = (255, 0, 0)  # a red bar marks predicted frames
+    return out
+
+
+def markdown_report(report: dict) -> str:
+    lines = [f"# Held-out evaluation: {report['num_videos']} videos, {report['context_frames']} "
+             f"context frames, {report['predict_frames']} predicted", ""]
+    settings = ", ".join(f"{k}={v}" for k, v in report["settings"].items())
+    lines += [f"Settings: {settings}", "",
+              "| method | MSE | PSNR (dB) | SSIM |" + (" Physics-IQ | Physics-IQ verified |"
+                                                     if report["physics_iq"] else ""),
+              "|---|---|---|---|" + ("---|---|" if report["physics_iq"] else "")]
+    for name, m in report["metrics"].items():
+        row = f"| {name} | {m['mse']:.5f} | {m['psnr']:.2f} | {m['ssim']:.4f} |"
+        if report["physics_iq"]:
+            piq = report["physics_iq"][name]
+            row += f" {piq['original']:.2f} | {piq['verified']:.2f} |"
+        lines.append(row)
+    if report.get("fvd"):
+        lines += ["", "FVD: " + ", ".join(f"{k} {v:.1f}" for k, v in report["fvd"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(pipeline, videos: Sequence[HeldOutVideo], *, context_frames: int,
+             predict_frames: int, clip_frames: int | None = None, steps: int = 50,
+             guidance: float = 1.5, seed: int = 0, fvd: bool = False, progress=None) -> dict:
+    """Run the model and the baselines on `videos`; returns the report dict (and predictions)."""
+    check_videos(videos, context_frames, predict_frames)
+    space = pipeline.latent_space
+    if space is None:
+        raise ValueError("evaluate: the pipeline needs a latent space to compare pixels")
+    clip_frames = clip_frames or predict_frames
+    truth = np.stack([v.frames[context_frames:context_frames + predict_frames] for v in videos])
+    predictions = {
+        "video_gpt": predict_all(pipeline, videos, context_frames, predict_frames,
+                                 clip_frames=clip_frames, steps=steps, guidance=guidance,
+                                 seed=seed, progress=progress),
+        "copy_last_frame": np.stack([copy_last_frame(v.frames[:context_frames], predict_frames)
+                                     for v in videos]),
+        "linear_extrapolation": np.stack([
+            linear_extrapolation(space, v.frames[:context_frames], predict_frames)
+            for v in videos]),
+    }
+    report = {
+        "num_videos": len(videos), "context_frames": context_frames,
+        "predict_frames": predict_frames,
+        "settings": {"steps": steps, "guidance": guidance, "clip_frames": clip_frames,
+                     "seed": seed},
+        "metrics": score(predictions, truth),
+        "physics_iq": physics_iq_scores(predictions, videos, context_frames),
+    }
+    if fvd:
+        from vgpt_jax.eval import fvd as fvd_lib
+        report["fvd"] = {name: float(fvd_lib.fvd(pred, truth)) for name, pred in predictions.items()}
+    return report, predictions
+
+
+def write_report(report: dict, out_dir: str, videos=None, predictions=None,
+                 context_frames: int = 0, max_grids: int = 8, fps: float = 8.0) -> None:
+    """report.json, report.md and up to `max_grids` grid videos (gif) in `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(markdown_report(report))
+    if videos is None or predictions is None:
+        return
+    from vgpt_jax.data.video_io import write_video
+    n = report["predict_frames"]
+    for i, v in enumerate(videos[:max_grids]):
+        panels = {k: p[i] for k, p in predictions.items() if k != "copy_last_frame"}
+        frames = grid(v.frames[:context_frames], panels,
+                      v.frames[context_frames:context_frames + n])
+        frames = np.repeat(np.repeat(frames, 2, axis=1), 2, axis=2)  # small frames: upscale
+        write_video(os.path.join(out_dir, f"grid_{i:02d}_{v.name}.gif"), frames, fps)
+
+
+def load_video_folder(folder: str, num_frames: int) -> list[HeldOutVideo]:
+    """Held-out videos from a folder: `NAME.mp4` (or .gif/.avi/.mov/.webm), with an optional
+    second take `NAME.take2.mp4` for the Physics-IQ style score. Frames beyond `num_frames` are
+    dropped."""
+    from vgpt_jax.data.video_io import read_video
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"held-out folder {folder!r} does not exist")
+    exts = (".mp4", ".gif", ".avi", ".mov", ".webm", ".mkv")
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(exts) and ".take2." not in f)
+    if not names:
+        raise ValueError(f"held-out folder {folder!r} has no videos ({', '.join(exts)})")
+    videos = []
+    for name in names:
+        frames, fps = read_video(os.path.join(folder, name), max_frames=num_frames)
+        stem, ext = os.path.splitext(name)
+        take2_path = os.path.join(folder, f"{stem}.take2{ext}")
+        take2 = read_video(take2_path, max_frames=num_frames)[0] if os.path.exists(take2_path) \
+            else None
+        videos.append(HeldOutVideo(stem, frames, take2, fps))
+    return videos
+
+
+def main(argv=None) -> int:
+    """`vgpt eval`: score a checkpoint on held-out videos; writes report.json / report.md."""
+    import argparse
+    p = argparse.ArgumentParser(prog="vgpt eval", description=main.__doc__)
+    p.add_argument("--checkpoint", required=True, help="a model export or training workdir")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--videos", help="folder of held-out videos (NAME.mp4, NAME.take2.mp4)")
+    src.add_argument("--physics", type=int, metavar="N",
+                     help="N test scenarios of the physics world (two takes each), generated "
+                          "with the checkpoint config's `world` settings")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--context-frames", type=int, default=4)
+    p.add_argument("--predict-frames", type=int, default=4)
+    p.add_argument("--clip-frames", type=int, default=0, help="0: one clip")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fvd", action="store_true", help="also FVD (needs the eval extra)")
+    p.add_argument("--max-grids", type=int, default=8)
+    args = p.parse_args(argv)
+
+    from vgpt_jax.pipeline import Pipeline
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
+    pipeline = Pipeline.from_checkpoint(args.checkpoint)
+    if pipeline.latent_space is None:
+        raise ValueError(f"checkpoint {args.checkpoint!r} has no latent_space section; "
+                         "evaluation compares pixels")
+    total = args.context_frames + args.predict_frames
+    if args.videos:
+        videos = load_video_folder(args.videos, total)
+    else:
+        from vgpt_jax import demo
+        cfg = demo.demo_config()
+        if pipeline.config is not None and "world" in pipeline.config:
+            cfg.world.update(pipeline.config.world)
+        cfg.world.num_test_videos, cfg.world.num_frames = args.physics, total
+        videos = demo.held_out(demo.make_world(cfg)[1])
+    report, predictions = evaluate(
+        pipeline, videos, context_frames=args.context_frames, predict_frames=args.predict_frames,
+        clip_frames=args.clip_frames or None, steps=args.steps, guidance=args.guidance,
+        seed=args.seed, fvd=args.fvd)
+    report["checkpoint"] = os.path.abspath(args.checkpoint)
+    write_report(report, args.out, videos, predictions, args.context_frames, args.max_grids)
+    print(markdown_report(report))
+    return 0
