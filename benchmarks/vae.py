@@ -4,6 +4,8 @@
   python benchmarks/vae.py --which small --batches 5 --batch-size 8
 
 Weights are random (throughput does not depend on them). The first batch (compile) is timed separately.
+`cpu_s` is the process CPU time per batch (user+sys, all threads): on a shared host it is the steadier number;
+`batch_s` / `fps` are wall clock.
 Peak RSS is `resource.getrusage(RUSAGE_SELF).ru_maxrss` after each phase; it only grows, so the value
 after a phase bounds that phase's peak (the process also holds jax, the weights and the frames).
 """
@@ -45,24 +47,26 @@ def bench(name, cfg, h, w, batch_size, batches, dtype):
         t = time.perf_counter()
         fn(arg)
         first = time.perf_counter() - t
-        times = []
+        times, cpu = [], []
         for _ in range(batches):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn(arg)
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
         per_batch = float(np.median(times))
         rows.append(dict(model=name, params_M=n_params / 1e6, op=op, res=f"{h}x{w}", batch=batch_size,
-                         dtype=dtype, first_s=first, batch_s=per_batch, fps=batch_size / per_batch,
+                         dtype=dtype, first_s=first, batch_s=per_batch, cpu_s=float(np.median(cpu)),
+                         fps=batch_size / per_batch,
                          maxrss_MiB=_maxrss_mib()))
         print(_fmt(rows[-1]), flush=True)
     return rows
 
 
-_COLS = ["model", "params_M", "op", "res", "batch", "dtype", "first_s", "batch_s", "fps", "maxrss_MiB"]
+_COLS = ["model", "params_M", "op", "res", "batch", "dtype", "first_s", "batch_s", "cpu_s", "fps", "maxrss_MiB"]
 
 
 def _fmt(r):
-    return " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in _COLS)
+    return " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in _COLS)
 
 
 def main(argv=None):

