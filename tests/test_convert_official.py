@@ -310,7 +310,7 @@ def test_config_and_markers(converted):
 
 
 def test_cli_bfloat16_export(folders, tmp_path):
-    from tools.convert_official import main
+    from vgpt_jax.commands.convert_official import main
     out = str(tmp_path / "bf16")
     assert main(["--source", folders[True]["src"], "--output", out, "--dtype", "bfloat16"]) == 0
     model, config = checkpoint.load_model(out)

@@ -1,10 +1,8 @@
-"""Pipeline and `tools/sample.py`: loading an export, pixels in and out, the release's
+"""Pipeline and `vgpt sample`: loading an export, pixels in and out, the release's
 decode/encode round trip, callbacks, and clear errors for bad input."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
 import ml_collections
 import numpy as np
@@ -16,9 +14,7 @@ from vgpt_jax.data import video_io
 from vgpt_jax.pipeline import Pipeline, split_frames
 from vgpt_jax.vae.latent_space import SpaceToDepth
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tools"))
-import sample as sample_tool  # noqa: E402
+from vgpt_jax.commands import sample as sample_tool
 
 PX = 8            # 8x8 RGB frames -> SpaceToDepth(2) latents 4x4x12 -> 2x2 patches
 FAST = dict(steps=2, window=6)

@@ -1,0 +1,118 @@
+"""Predict how a video continues: read a context video, write the prediction as mp4.
+
+    python tools/sample.py --checkpoint exports/run1 --input clip.mp4 --output pred.mp4
+    python tools/sample.py --checkpoint exports/run1 --input clip.mp4 --output pred.mp4 \
+        --context-frames 56 --frame-stride 4 --clip-sizes 24 24 --guidance 1.5 --steps 50
+
+The first `--context-frames` frames (after `--frame-stride`, resizing to `--max-image-size` and
+center-cropping, as ingestion does) are the context. When the input has more frames than that,
+the following ones are the ground truth and `<output>_vs_gt.mp4` shows them left of the
+prediction.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from vgpt_jax import sampling
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model export folder (config.json + params/)")
+    p.add_argument("--input", required=True, help="context video file")
+    p.add_argument("--output", required=True, help="prediction video (.mp4 or .gif)")
+    p.add_argument("--latent-space", default=None,
+                   help="'space_to_depth:<d>' or a VAE folder; default: the checkpoint's")
+    p.add_argument("--context-frames", type=int, default=56)
+    p.add_argument("--frame-stride", type=int, default=4, help="keep every n-th input frame")
+    p.add_argument("--max-image-size", type=int, default=320, help="longer side, px")
+    p.add_argument("--crop-multiple", type=int, default=None,
+                   help="center-crop sides to a multiple of this (default: VAE x patch factor)")
+    frames = p.add_mutually_exclusive_group()
+    frames.add_argument("--num-frames", type=int, default=None, help="frames to predict (clips of 24)")
+    frames.add_argument("--clip-sizes", type=int, nargs="+", default=None,
+                        help="frames per generated clip (default: 24 24)")
+    defaults = sampling.SamplerConfig()
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--guidance", type=float, default=defaults.guidance)
+    p.add_argument("--time-shift", type=float, default=defaults.time_shift)
+    p.add_argument("--window", type=int, default=defaults.window)
+    p.add_argument("--cache-mode", choices=sampling.CACHE_MODES, default=defaults.cache_mode)
+    p.add_argument("--anchor-frames", type=int, default=defaults.anchor_frames)
+    p.add_argument("--context-noise", type=float, default=defaults.context_noise)
+    p.add_argument("--same-noise-every-clip", action="store_true",
+                   help="the release's behaviour: identical initial noise for every clip")
+    p.add_argument("--reencode", action="store_true",
+                   help="decode -> uint8 -> encode each clip before it joins the history")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def read_context(path: str, stride: int, max_image_size: int, crop_multiple: int, max_frames):
+    """(frames uint8 [T, H, W, 3], fps after striding); unreadable files raise a ValueError."""
+    from vgpt_jax.data import ingest, video_io
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--input {path!r}: no such file")
+    config = ingest.IngestConfig(max_image_size=max_image_size, crop_multiple=crop_multiple,
+                                 min_side=1, max_aspect=float("inf"), frame_stride=stride,
+                                 max_frames=max_frames)
+    try:
+        frames, fps, _ = ingest.load_video_frames(path, config)
+    except (video_io.VideoReadError, ingest.SkipVideo) as e:
+        raise ValueError(f"--input {path!r}: cannot read the video ({e})") from e
+    return frames, fps / stride
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from tqdm import tqdm
+
+    from vgpt_jax.data import video_io
+    from vgpt_jax.pipeline import Pipeline, split_frames
+
+    clip_sizes = (args.clip_sizes if args.clip_sizes is not None
+                  else split_frames(args.num_frames) if args.num_frames is not None else [24, 24])
+    if args.context_frames < 1:
+        raise ValueError(f"--context-frames={args.context_frames}: must be >= 1")
+    if args.frame_stride < 1:
+        raise ValueError(f"--frame-stride={args.frame_stride}: must be >= 1")
+    latent_space = None
+    if args.latent_space is not None:
+        from vgpt_jax.data.ingest import make_latent_space
+        latent_space = make_latent_space(args.latent_space)
+    pipe = Pipeline.from_checkpoint(args.checkpoint, latent_space=latent_space)
+    if pipe.latent_space is None:
+        raise ValueError(f"--checkpoint {args.checkpoint!r} has no latent_space section: give "
+                         "--latent-space to turn video frames into latents")
+    crop = args.crop_multiple or pipe.latent_space.downsample * pipe.model.cfg.patch_size
+    total = args.context_frames + sum(clip_sizes)
+    frames, fps = read_context(args.input, args.frame_stride, args.max_image_size, crop, total)
+    context, truth = frames[:args.context_frames], frames[args.context_frames:]
+
+    with tqdm(total=len(clip_sizes), unit="clip", disable=args.no_progress) as bar:
+        out = pipe.predict(
+            context, clip_sizes=clip_sizes, steps=args.steps, guidance=args.guidance,
+            window=args.window, seed=args.seed, time_shift=args.time_shift,
+            cache_mode=args.cache_mode, anchor_frames=args.anchor_frames,
+            context_noise=args.context_noise, same_noise_every_clip=args.same_noise_every_clip,
+            reencode=args.reencode, callback=lambda k, n, clip: bar.update(1))
+    video_io.write_video(args.output, out.frames, fps)
+    print(f"wrote {len(out.frames)} predicted frames to {args.output}")
+    if len(truth):
+        stem, ext = os.path.splitext(args.output)
+        pred = out.frames[:len(truth)]
+        side = np.concatenate([truth, pred], axis=2)  # [T, H, 2W, 3]: truth | prediction
+        path = video_io.write_video(f"{stem}_vs_gt{ext}", side, fps)
+        print(f"wrote ground truth | prediction ({len(truth)} frames) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
