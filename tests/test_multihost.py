@@ -1,5 +1,9 @@
 """Two processes joined by `jax.distributed` on localhost (4 fake CPU devices each) train and
-checkpoint together, and match one process driving all 8 devices."""
+checkpoint together, and match one process driving all 8 devices.
+
+The pair runs a two-slice hybrid mesh (`mesh.num_slices=2`: fsdp=4 inside a process, data=2
+across processes, built by `create_hybrid_device_mesh`); the single process the plain
+(data=2, fsdp=4) mesh, which lays the devices out the same way."""
 from __future__ import annotations
 
 import os
@@ -11,6 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
 import subproc  # noqa: E402
 
 MESH = '{"data": 2, "fsdp": 4}'
+SLICE_MESH = '{"data": 1, "fsdp": 4}'
 STEPS = "4"
 
 
@@ -22,7 +27,8 @@ def _state(path):
 def test_two_processes_equal_one_process_on_eight_devices(tmp_path):
     pair = subproc.run_pair(lambda port, pid: [
         "tests/scripts/train_checks.py", "run", str(tmp_path / "pair"), str(tmp_path / "pair.npz"),
-        "--steps", STEPS, "--mesh", MESH, "--port", str(port), "--process-id", str(pid)])
+        "--steps", STEPS, "--mesh", SLICE_MESH, "--slices", "2", "--port", str(port),
+        "--process-id", str(pid)])
     for i, p in enumerate(pair):
         assert p.returncode == 0, f"process {i}:\n{p.stdout[-4000:]}"
     single = subproc.run(["tests/scripts/train_checks.py", "run", str(tmp_path / "single"),

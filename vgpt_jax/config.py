@@ -272,6 +272,7 @@ def validate_train_config(cfg) -> None:
             value = cfg
             for part in field.split("."):
                 value = value.get(part) if hasattr(value, "get") else None
+            value = value.to_dict() if hasattr(value, "to_dict") else value
             raise ValueError(f"config: {field}={value!r}: {msg}")
     for section in ("model", "objective", "optim", "mesh", "data", "checkpoint", "train"):
         if section not in cfg:

@@ -86,7 +86,11 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     ici = _resolve(mesh_cfg.ici, len(devices) // slices, "ici")
     dcn = _resolve(mesh_cfg.dcn, slices, "dcn")
     if slices > 1:
-        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        # TPU slices carry distinct `slice_index`es; elsewhere (GPU nodes, CPU processes) the
+        # devices report one slice and each process is one granule of the outer network.
+        slice_ids = {getattr(d, "slice_index", None) for d in devices}
+        arr = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, process_is_granule=len(slice_ids) != slices)
     else:
         try:
             arr = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)

@@ -63,3 +63,28 @@ def run_pair(args_of, devices_each: int = 4, timeout: float = 300) -> list[subpr
                 p.kill()
                 p.wait()
     return [subprocess.CompletedProcess(p.args, p.returncode, o, "") for p, o in zip(procs, outs)]
+
+
+def shared_dir(tmp_path_factory, name: str):
+    """A directory shared by all pytest-xdist workers of this run (per run, never reused), so an
+    expensive module fixture runs once even when its tests land on different workers."""
+    import fcntl
+    import pathlib
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    base = tmp_path_factory.getbasetemp()
+    root = pathlib.Path(base.parent if run_id else base) / f"shared-{run_id or 'local'}"
+    root.mkdir(parents=True, exist_ok=True)
+    return root / name, lambda: _Lock(root / f"{name}.lock", fcntl)
+
+
+class _Lock:
+    def __init__(self, path, fcntl):
+        self.path, self.fcntl = path, fcntl
+
+    def __enter__(self):
+        self.f = open(self.path, "w")
+        self.fcntl.flock(self.f, self.fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        self.fcntl.flock(self.f, self.fcntl.LOCK_UN)
+        self.f.close()

@@ -127,14 +127,14 @@ def sharded(out_path: str) -> None:
 
 
 def run(args) -> None:
-    if args.port:
-        import jax
-        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=2,
-                                   process_id=args.process_id, initialization_timeout=60,
-                                   heartbeat_timeout_seconds=20, shutdown_timeout_seconds=20,
-                                   coordinator_bind_address=f"127.0.0.1:{args.port}")
     from vgpt_jax import train
-    cfg = make_config(json.loads(args.mesh), **{"train.steps": args.steps})
+    cfg = make_config(json.loads(args.mesh), **{"train.steps": args.steps,
+                                                 "mesh.num_slices": args.slices})
+    if args.port:  # train() joins the process group from the config
+        cfg.distributed.update(initialize="always", coordinator_address=f"127.0.0.1:{args.port}",
+                               num_processes=2, process_id=args.process_id,
+                               initialization_timeout=60, heartbeat_timeout=20,
+                               shutdown_timeout=20)
 
     def on_step(step, metrics):
         if step == args.kill_at:
@@ -165,6 +165,7 @@ def main() -> None:
     r.add_argument("--mesh", default="{}")
     r.add_argument("--kill-at", type=int, default=-1)
     r.add_argument("--term-at", type=int, default=-1)
+    r.add_argument("--slices", type=int, default=1, help="mesh.num_slices (hybrid mesh)")
     r.add_argument("--nan", action="store_true")
     r.add_argument("--port", type=int, default=0)
     r.add_argument("--process-id", type=int, default=0)

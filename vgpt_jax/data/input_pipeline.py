@@ -14,8 +14,9 @@ iterator's state is its next batch index (grain checkpoint handler).
 Frame sampling (video_gpt.md section 2): N frames at an integer stride s from a random start;
 s is fixed (stride_min == stride_max) or drawn per sample from [stride_min, min(stride_max,
 floor((T - 1) / (N - 1)))]. Videos shorter than (N - 1) * stride_min + 1 frames are dropped
-when the pipeline is built (their lengths come from the source's `frame_counts()` if it has
-one, else from reading each record once).
+when the pipeline is built: nothing to drop when the store manifest's `min_frames` suffices,
+else lengths come from the source's `frame_counts()` if it has one, else from reading each
+record once (slow on a large store).
 """
 from __future__ import annotations
 
@@ -69,6 +70,9 @@ def frame_counts(source) -> np.ndarray:
 
 def eligible_indices(source, data_cfg, name: str) -> np.ndarray:
     need = min_video_frames(data_cfg)
+    manifest = getattr(source, "manifest", None)
+    if isinstance(manifest, dict) and manifest.get("latent_shape", {}).get("min_frames", 0) >= need:
+        return np.arange(len(source))  # a store's manifest says no video is too short
     counts = frame_counts(source)
     keep = np.nonzero(counts >= need)[0]
     if len(keep) < len(counts):
