@@ -123,9 +123,11 @@ def test_stage_configs_follow_the_curriculum():
 
 
 def test_cli_trains_from_a_store_with_overrides(tmp_path):
+    """`vgpt train` (and the `tools/train.py` wrapper) with `--config.x=y` overrides."""
     store = pytest.importorskip("vgpt_jax.data.store")
     store.write_store(str(tmp_path / "store"), tiny_source())
-    args = ["tools/train.py", "--config", "configs/tiny_test.py", "--workdir", str(tmp_path / "run"),
+    args = ["-m", "vgpt_jax", "train", "--config", "configs/tiny_test.py",
+            "--workdir", str(tmp_path / "run"),
             f"--config.data.store={tmp_path / 'store'}", "--config.train.steps=3",
             "--config.train.tensorboard=False"]
     proc = subproc.run(args)
@@ -135,6 +137,7 @@ def test_cli_trains_from_a_store_with_overrides(tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["train"]["steps"] == 3 and saved["data"]["store"] == str(tmp_path / "store")
     # A missing store fails before any step, naming the path.
-    bad = subproc.run(args[:4] + [str(tmp_path / "run2"), "--config.data.store=/no/such/store"])
+    bad = subproc.run(["tools/train.py"] + args[3:6] + [str(tmp_path / "run2"),
+                                                        "--config.data.store=/no/such/store"])
     assert bad.returncode != 0 and "/no/such/store" in bad.stdout
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()

@@ -1,44 +1,10 @@
-"""Train Video-GPT from a config file: `python tools/train.py --config configs/stage1.py
---workdir /ckpt/stage1 [--config.train.steps=1000 ...]`.
-
-Re-running with the same workdir resumes from its latest checkpoint. A SIGTERM (preemption)
-saves a checkpoint and exits with status 0; a non-finite loss exits with an error and keeps the
-last good checkpoint.
-"""
-from __future__ import annotations
-
-import logging
+"""Train Video-GPT from a config file. (`python tools/train.py --config configs/stage1.py --workdir W`; the same as `vgpt train`)."""
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)")
-
-
-def _run(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from vgpt_jax import train
-    result = train.train(_CONFIG.value, _WORKDIR.value)
-    logging.info("finished at step %d%s: %s", result.step,
-                 " (preempted, checkpoint saved)" if result.preempted else "", result.metrics)
-
-
-def main(argv=None) -> None:
-    """Entry point for `vgpt train ...` (argv without the program name is fine too)."""
-    argv = list(sys.argv if argv is None else argv)
-    if not argv or argv[0].startswith("--"):
-        argv = ["vgpt-train"] + argv
-    app.run(_run, argv=argv)
-
+from vgpt_jax.commands.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

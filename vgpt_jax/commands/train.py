@@ -1,0 +1,37 @@
+"""Train Video-GPT from a config file (`vgpt train`, or `python tools/train.py`):
+
+    vgpt train --config configs/stage1.py --workdir /ckpt/stage1 [--config.train.steps=1000 ...]
+
+Re-running with the same workdir resumes from its latest checkpoint. A SIGTERM (preemption)
+saves a checkpoint and exits with status 0; a non-finite loss exits with an error and keeps the
+last good checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)")
+
+
+def _run(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError("--config and --workdir are required")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from vgpt_jax import train
+    result = train.train(_CONFIG.value, _WORKDIR.value)
+    logging.info("finished at step %d%s: %s", result.step,
+                 " (preempted, checkpoint saved)" if result.preempted else "", result.metrics)
+
+
+def main(argv=None) -> int:
+    """`argv` without the program name (as `vgpt_jax.cli` passes it); default `sys.argv[1:]`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    app.run(_run, argv=[sys.argv[0]] + argv)  # exits the process with the run's status
+    return 0
