@@ -141,3 +141,17 @@ def test_cli_trains_from_a_store_with_overrides(tmp_path):
                                                         "--config.data.store=/no/such/store"])
     assert bad.returncode != 0 and "/no/such/store" in bad.stdout
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda cfg: setattr(cfg.model, "latent_channels", 8), "4-channel latents but model.latent_channels=8"),
+    (lambda cfg: setattr(cfg.model, "patch_size", 3), "not a multiple of model.patch_size=3"),
+    (lambda cfg: setattr(cfg.model, "max_seq_len", 32), "over model.max_seq_len=32"),
+])
+def test_latents_that_do_not_fit_the_model_fail_before_compiling(change, message):
+    from train_checks import make_config
+    from vgpt_jax import train
+    cfg = make_config()
+    change(cfg)
+    with pytest.raises(ValueError, match=message):
+        train.build(cfg, tiny_source())

@@ -253,6 +253,26 @@ def _objective(cfg) -> diffusion.ObjectiveConfig:
     return obj
 
 
+def _check_latents(source, name: str, model_cfg: ModelConfig, data_cfg) -> None:
+    """The data's latent geometry against the model, before anything is compiled."""
+    if len(source) == 0:
+        raise ValueError(f"data source {name!r} holds no videos")
+    shape = tuple(np.shape(source[0]["latents"]))
+    if len(shape) != 4:
+        raise ValueError(f"data source {name!r}: latents have shape {shape}, expected [F, h, w, C]")
+    _, h, w, c = shape
+    if c != model_cfg.latent_channels:
+        raise ValueError(f"data source {name!r} has {c}-channel latents but model.latent_channels="
+                         f"{model_cfg.latent_channels}")
+    if h % model_cfg.patch_size or w % model_cfg.patch_size:
+        raise ValueError(f"data source {name!r}: latent size {h}x{w} is not a multiple of "
+                         f"model.patch_size={model_cfg.patch_size}")
+    tokens = 2 * int(data_cfg.num_frames) * block_len_for(model_cfg, h, w)
+    if tokens > model_cfg.max_seq_len:
+        raise ValueError(f"data.num_frames={data_cfg.num_frames} at {h}x{w} latents makes "
+                         f"{tokens} tokens, over model.max_seq_len={model_cfg.max_seq_len}")
+
+
 def _check_batch(cfg, mesh, rules) -> None:
     b, accum = int(cfg.data.global_batch_size), int(cfg.optim.grad_accum_steps)
     shards = shard_lib.batch_shards(mesh, rules)
@@ -305,6 +325,7 @@ def build(config, data_source=None, devices=None) -> Setup:
     _check_batch(config, mesh, rules)
     source = data_source if data_source is not None else input_pipeline.open_source(config.data.store)
     name = config.data.store or type(source).__name__
+    _check_latents(source, name, model_cfg, config.data)
 
     tx, schedule = optim.make_optimizer(config.optim, int(config.train.steps))
     graphdef, abstract = abstract_state(model_cfg, tx, mesh, rules)
