@@ -21,7 +21,8 @@ def test_demo_writes_readable_outputs(demo_run):
     workdir, report = demo_run
     with open(os.path.join(workdir, "eval", "report.json")) as f:
         saved = json.load(f)
-    assert set(saved["metrics"]) == {"video_gpt", "copy_last_frame", "linear_extrapolation"}
+    assert set(saved["metrics"]) == {"video_gpt", "video_gpt_1step", "copy_last_frame",
+                                     "linear_extrapolation"}
     for row in saved["metrics"].values():
         assert np.isfinite([row["mse"], row["psnr"], row["ssim"]]).all()
     assert set(saved["physics_iq"]) == set(saved["metrics"])

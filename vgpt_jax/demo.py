@@ -10,7 +10,8 @@
    `workdir/train`, metrics in `workdir/train/metrics.jsonl` and TensorBoard);
 4. predicts the held-out continuations from their first frames, with the same sampler users
    call (`pipeline.Pipeline`), and scores them against copy-the-last-frame and linear
-   extrapolation in latent space (`evaluate`);
+   extrapolation in latent space (`evaluate`; the report has the sampled prediction and the
+   one-step posterior-mean prediction, see `evaluate`'s docstring);
 5. writes `workdir/eval/report.{md,json}`, grids `context | prediction | ... | ground truth`
    per held-out video, and the model export `workdir/model` (reload it with
    `Pipeline.from_checkpoint` or `vgpt sample --checkpoint workdir/model`).
@@ -45,7 +46,7 @@ def demo_config(size: str = "default") -> ml_collections.ConfigDict:
     cfg.optim.schedule = "cosine"
     cfg.optim.warmup_steps = 100
     cfg.optim.end_lr_ratio = 0.1
-    cfg.train.steps = 1500
+    cfg.train.steps = 3000
     cfg.train.log_every = 50
     cfg.checkpoint.save_interval_steps = 500
     cfg.checkpoint.max_to_keep = 1
