@@ -314,10 +314,12 @@ def advice(plan: Plan, program: ProgramPlan) -> list[str]:
                    f"AdamW moments): raise fsdp (now {m['fsdp']}; arguments scale ~1/fsdp), or "
                    "use bfloat16 params")
     else:
+        per_shard = plan.global_batch // plan.grad_accum // (m["data"] * m["fsdp"])
         out.append(f"temporaries dominate ({program.temp_bytes / GIB:.2f} GiB: activations): "
                    f"raise context (now {m['context']}; activations scale ~1/context)"
                    + ("" if plan.remat == "full" else f", use remat 'full' (now {plan.remat!r})")
-                   + f", or micro-batch (optim.grad_accum_steps, now {plan.grad_accum})")
+                   + (f", or micro-batch (optim.grad_accum_steps, now {plan.grad_accum}; "
+                      f"{per_shard} samples per shard per microbatch)" if per_shard > 1 else ""))
     return out
 
 

@@ -1,0 +1,122 @@
+"""The TPU planner: the tiny config's real train step and sampler compile for a small TPU
+topology (libtpu, no TPU), and the figures behave (memory grows with the sequence, arguments
+shrink with fsdp); the guide's table parses, came from the planner's row format, and its
+recommended stage-4 v5p-64 configuration fits.
+
+The compiles run in a subprocess: with libtpu installed, every JAX process of `pytest -n 2`
+probes for a TPU and the second one to open libtpu must be allowed to (its lockfile).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUIDE = os.path.join(ROOT, "docs", "tpu.md")
+
+SCRIPT = r"""
+import json
+from vgpt_jax import plan
+common = dict(context_frames=2, clip_frames=2, sampler_steps=2)
+out = {}
+# The TPU attention path (splash) once, on 8x8 latents; the memory comparisons with dense
+# attention on 16x16 latents (66 tokens per frame), where activations outweigh the optimiser's
+# fixed buffers, and which compiles faster.
+for name, mesh, frames, hw, attention in [
+        ("base", dict(fsdp=2, context=2), 4, (8, 8), "splash"),
+        ("dense", dict(fsdp=2, context=2), 4, (16, 16), "dense"),
+        ("long", dict(fsdp=2, context=2), 12, (16, 16), "dense"),
+        ("fsdp1", dict(fsdp=1, context=4), 4, (16, 16), "dense")]:
+    p = plan.make_plan("tiny_test", "v5e:2x2", mesh, num_frames=frames, latent_hw=hw,
+                       sampler=name == "base", attention=attention, **common)
+    out[name] = dict(train=vars(p.train), sampler=vars(p.sampler) if p.sampler else None,
+                     peak=p.train.peak_bytes, fits=p.fits(p.train), chips=p.chips,
+                     tokens_per_step=p.tokens_per_step, global_batch=p.global_batch,
+                     tokens_per_sample=p.tokens_per_sample, row=plan.markdown_row(p, "cmd"))
+print("PLANS=" + json.dumps(out))
+"""
+
+
+def _have_libtpu():
+    try:
+        import libtpu  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_libtpu = pytest.mark.skipif(not _have_libtpu(), reason="libtpu not installed "
+                                  "(pip install 'vgpt_jax[tpu]'): no TPU compiler")
+
+
+@pytest.fixture(scope="module")
+def plans():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=ROOT)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("PLANS=")]
+    assert proc.returncode == 0 and line, proc.stderr[-4000:]
+    return json.loads(line[0][len("PLANS="):])
+
+
+@needs_libtpu
+def test_tiny_train_step_and_sampler_compile_for_v5e(plans):
+    base = plans["base"]
+    assert base["chips"] == 4 and base["fits"]
+    assert base["global_batch"] == 2  # one sample per fsdp row
+    assert base["tokens_per_sample"] == 2 * 4 * (4 * 4 + 2)
+    assert base["tokens_per_step"] == 2 * base["tokens_per_sample"]
+    for program in (base["train"], base["sampler"]):
+        assert program["argument_bytes"] > 0 and program["temp_bytes"] > 0
+        assert program["compiler_flops"] > 0
+    # The donated state comes back in place: most output bytes alias the arguments.
+    assert base["train"]["alias_bytes"] > 0.9 * base["train"]["output_bytes"] > 0
+
+
+@needs_libtpu
+def test_memory_grows_with_sequence_and_shrinks_with_fsdp(plans):
+    base, long, fsdp1 = plans["dense"], plans["long"], plans["fsdp1"]
+    # 3x the frames: more temporaries and a larger batch argument (the optimiser's buffers, a
+    # fixed ~6 MB at this size, keep the growth modest).
+    assert long["train"]["temp_bytes"] > base["train"]["temp_bytes"]
+    assert long["train"]["argument_bytes"] > base["train"]["argument_bytes"]
+    assert long["peak"] > base["peak"] + 1_000_000
+    # Params and AdamW moments are split over fsdp: halving it grows the arguments per chip.
+    assert fsdp1["train"]["argument_bytes"] > 1.5 * base["train"]["argument_bytes"]
+
+
+def _guide_rows():
+    with open(GUIDE) as f:
+        text = f.read()
+    return [l for l in text.splitlines() if l.startswith("| stage")]
+
+
+@needs_libtpu
+def test_planner_row_format_matches_the_guide(plans):
+    """The guide's rows are the planner's `markdown_row` output (same columns)."""
+    columns = lambda row: row.count("|")
+    rows = _guide_rows()
+    assert rows and all(columns(r) == columns(plans["base"]["row"]) for r in rows)
+
+
+def test_guide_recommends_a_fitting_stage4_on_v5p64():
+    rows = _guide_rows()
+    for topology in ("v5p:4x4x4", "v5p:8x8x4", "v5e:16x16"):
+        for stage in ("stage1", "stage2", "stage4"):  # stage 3 compiles to stage 2's program
+            assert any(r.startswith(f"| {stage} | {topology} |") for r in rows), (stage, topology)
+    stage4 = [r for r in rows if r.startswith("| stage4 | v5p:4x4x4")]
+    assert stage4, "no stage-4 row for v5p-64 (v5p:4x4x4)"
+    cells = [c.strip() for c in stage4[0].strip("|").split("|")]
+    train_peak = float(cells[6])
+    assert 0 < train_peak <= 95, f"stage 4 on v5p-64 needs {train_peak} GiB per chip"
+    assert cells[8] == "yes"
+    command = re.search(r"`(python tools/plan_tpu.py [^`]*)`", stage4[0]).group(1)
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import plan_tpu
+    args = plan_tpu.build_parser().parse_args(command.split()[2:])
+    assert (args.config, args.topology) == ("stage4", "v5p:4x4x4")
