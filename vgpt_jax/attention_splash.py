@@ -40,8 +40,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info_lib
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as splash, splash_attention_mask_info as mask_info_lib)
 from jax.sharding import PartitionSpec as P
 
 from vgpt_jax import attention
@@ -162,7 +162,8 @@ def _one_sample(q_HTD, k_KSD, v_KSD, q_meta, kv_meta, L, bq, bk, interpret):
     sizes = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
                               block_kv_dkv=bk, block_kv_dkv_compute=bk, use_fused_bwd_kernel=True)
     kernel = splash.SplashAttentionKernel(
-        info(mask_info_lib.process_dynamic_mask), None, info(mask_info_lib.process_dynamic_mask_dkv),
+        info(mask_info_lib.process_dynamic_mask), None,
+        info(mask_info_lib.process_dynamic_mask_dkv),
         block_sizes=sizes, is_mqa=False, save_residuals=False,
         mask_value=splash.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None,
         residual_checkpoint_name=None, mask_function=QueryCodeMask(L), interpret=interpret)
