@@ -116,7 +116,6 @@ def test_guide_recommends_a_fitting_stage4_on_v5p64():
     assert 0 < train_peak <= 95, f"stage 4 on v5p-64 needs {train_peak} GiB per chip"
     assert cells[8] == "yes"
     command = re.search(r"`(python tools/plan_tpu.py [^`]*)`", stage4[0]).group(1)
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import plan_tpu
+    from vgpt_jax.commands import plan_tpu
     args = plan_tpu.build_parser().parse_args(command.split()[2:])
     assert (args.config, args.topology) == ("stage4", "v5p:4x4x4")

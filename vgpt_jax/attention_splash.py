@@ -207,7 +207,7 @@ def splash_attention(q, k, v, q_meta: TokenMeta, kv_meta: TokenMeta, block_len: 
     if q.shape[1] % L or k.shape[1] % L:
         raise ValueError(f"splash attention: sequence lengths {q.shape[1]} (q) and {k.shape[1]} "
                          f"(kv) must be whole frame blocks of {L} tokens")
-    active = shard_lib._ACTIVE.get()
+    active = shard_lib.active_sharding()
     if interpret is None:  # compile for the mesh's devices (e.g. an AOT TPU topology), else run
         platform = (active[0].devices.flat[0].platform if active is not None
                     else jax.default_backend())

@@ -37,6 +37,11 @@ def activation_sharding(mesh, rules):
         _ACTIVE.reset(token)
 
 
+def active_sharding():
+    """The `(mesh, rules)` of the enclosing `activation_sharding` context, or None."""
+    return _ACTIVE.get()
+
+
 def constrain(x, names):
     active = _ACTIVE.get()
     if active is None:
