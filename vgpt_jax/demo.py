@@ -46,16 +46,16 @@ def demo_config(size: str = "default") -> ml_collections.ConfigDict:
     cfg.optim.schedule = "cosine"
     cfg.optim.warmup_steps = 100
     cfg.optim.end_lr_ratio = 0.1
-    cfg.train.steps = 3000
+    cfg.train.steps = 2000
     cfg.train.log_every = 50
     cfg.checkpoint.save_interval_steps = 500
     cfg.checkpoint.max_to_keep = 1
     cfg.eval = ml_collections.ConfigDict(dict(
         context_frames=4, predict_frames=4, clip_frames=4, steps=20, guidance=1.0, seed=0,
         max_grids=8))
-    if size == "long":  # the results page's run (docs/results.md): about an hour on 2 cores
+    if size == "long":  # the results page's run (docs/results.md): about 30 minutes on 2 cores
         cfg.world.num_train_videos, cfg.world.num_test_videos = 8192, 64
-        cfg.train.steps = 8000
+        cfg.train.steps = 4000
         cfg.checkpoint.save_interval_steps = 1000
     elif size == "quick":
         cfg.world.num_train_videos, cfg.world.num_test_videos = 64, 2
