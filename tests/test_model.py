@@ -135,7 +135,7 @@ def test_bad_inputs_raise_at_trace_time(model):
     clip_ids = np.array([[0, 1]])
     lay = layout.training_layout(clip_ids, L)
     lat, t = inputs(4, clip_ids)
-    with pytest.raises(ValueError, match="3 channels"):
+    with pytest.raises(ValueError, match="3-channel latents"):
         jax.eval_shape(lambda: model(lat[..., :3], t, lay))
     with pytest.raises(ValueError, match="block_len"):
         jax.eval_shape(lambda: model(lat[:, :, :2], t, lay))

@@ -144,8 +144,8 @@ def test_cli_trains_from_a_store_with_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda cfg: setattr(cfg.model, "latent_channels", 8), "4-channel latents but model.latent_channels=8"),
-    (lambda cfg: setattr(cfg.model, "patch_size", 3), "not a multiple of model.patch_size=3"),
+    (lambda cfg: setattr(cfg.model, "latent_channels", 8), "4-channel latents, but the model config has latent_channels=8"),
+    (lambda cfg: setattr(cfg.model, "patch_size", 3), "not a multiple of patch_size=3"),
     (lambda cfg: setattr(cfg.model, "max_seq_len", 32), "over model.max_seq_len=32"),
 ])
 def test_latents_that_do_not_fit_the_model_fail_before_compiling(change, message):

@@ -151,6 +151,15 @@ class ModelConfig:
             need(rs.factor_rule in ("always_long", "by_length"), "rope_scaling",
                  "factor_rule must be 'always_long' or 'by_length'")
 
+    def check_latent_shape(self, h: int, w: int, c: int, what: str = "latents") -> None:
+        """A ValueError naming `what` when [h, w, c] latent frames do not fit this model."""
+        if c != self.latent_channels:
+            raise ValueError(f"{what}: {c}-channel latents, but the model config has "
+                             f"latent_channels={self.latent_channels}")
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"{what}: latent size {h}x{w} is not a multiple of patch_size="
+                             f"{self.patch_size}")
+
     def num_params(self) -> int:
         """Analytic parameter count (the model has no vocabulary: 3 marker embeddings only)."""
         d, m, hd = self.hidden_size, self.mlp_dim, self.head_dim

@@ -261,12 +261,7 @@ def _check_latents(source, name: str, model_cfg: ModelConfig, data_cfg) -> None:
     if len(shape) != 4:
         raise ValueError(f"data source {name!r}: latents have shape {shape}, expected [F, h, w, C]")
     _, h, w, c = shape
-    if c != model_cfg.latent_channels:
-        raise ValueError(f"data source {name!r} has {c}-channel latents but model.latent_channels="
-                         f"{model_cfg.latent_channels}")
-    if h % model_cfg.patch_size or w % model_cfg.patch_size:
-        raise ValueError(f"data source {name!r}: latent size {h}x{w} is not a multiple of "
-                         f"model.patch_size={model_cfg.patch_size}")
+    model_cfg.check_latent_shape(h, w, c, what=f"data source {name!r}")
     tokens = 2 * int(data_cfg.num_frames) * block_len_for(model_cfg, h, w)
     if tokens > model_cfg.max_seq_len:
         raise ValueError(f"data.num_frames={data_cfg.num_frames} at {h}x{w} latents makes "

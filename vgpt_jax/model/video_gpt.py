@@ -149,12 +149,7 @@ class VideoGPT(nnx.Module):
             raise ValueError(f"latents: expected [batch, blocks, h, w, channels], got shape "
                              f"{latents_BNhwc.shape}")
         b, n, h, w, c = latents_BNhwc.shape
-        if c != cfg.latent_channels:
-            raise ValueError(f"latents: {c} channels, but the model config has latent_channels="
-                             f"{cfg.latent_channels}")
-        if h % cfg.patch_size or w % cfg.patch_size:
-            raise ValueError(f"latents: spatial size {h}x{w} is not a multiple of patch_size="
-                             f"{cfg.patch_size}")
+        cfg.check_latent_shape(h, w, c)
         if layout.frame.shape != (b, n) or t_BN.shape != (b, n):
             raise ValueError(f"layout {layout.frame.shape} and t {t_BN.shape} must both be "
                              f"[batch, blocks] = {(b, n)}")
