@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from vgpt_jax import layout as layout_lib
+from vgpt_jax.config import block_len_for
 from vgpt_jax.model import VideoGPT
 
 
@@ -75,12 +76,6 @@ def make_training_inputs(latents_BFhwc, clip_ids_BF, rng, cfg: ObjectiveConfig,
     return TrainingInputs(blocks, t_blocks, layout_lib.training_layout(clip_ids_BF, block_len), x1)
 
 
-def block_len_of(model: VideoGPT, latents_BFhwc) -> int:
-    p = model.cfg.patch_size
-    h, w = latents_BFhwc.shape[2:4]
-    return (h // p) * (w // p) + 2
-
-
 def loss(model: VideoGPT, batch: dict, rng, cfg: ObjectiveConfig = ObjectiveConfig()):
     """Pure objective: `batch` = {latents [B,F,h,w,C], clip_ids [B,F] int}; returns (loss, metrics).
 
@@ -89,7 +84,8 @@ def loss(model: VideoGPT, batch: dict, rng, cfg: ObjectiveConfig = ObjectiveConf
     """
     latents, clip_ids = batch["latents"], batch["clip_ids"]
     layout_lib.check_clip_ids(clip_ids, latents.shape[1], what="batch['clip_ids']")
-    inputs = make_training_inputs(latents, clip_ids, rng, cfg, block_len_of(model, latents))
+    block_len = block_len_for(model.cfg, *latents.shape[2:4])
+    inputs = make_training_inputs(latents, clip_ids, rng, cfg, block_len)
     pred = model(inputs.blocks_BNhwc, inputs.t_BN, inputs.layout, output_blocks=slice(0, None, 2))
     per_frame = jnp.mean((pred - inputs.target_BFhwc) ** 2, axis=(2, 3, 4))  # [B, F]
     value = jnp.mean(per_frame)
