@@ -4,8 +4,9 @@
 
 1. simulates the physics world (balls under gravity, elastic collisions): training videos, and
    held-out test scenarios in two takes that differ by a tiny perturbation;
-2. builds the latent store (`data.ingest.ingest_arrays`; space-to-depth latents by default, a
-   small trained VAE with `--config.latent_space.kind=autoencoder_kl`... see `demo_config`);
+2. builds the latent store (`data.ingest.ingest_arrays`; space-to-depth latents by default; a
+   VAE trained with `vgpt train-vae` works too: set `demo_config().latent_space` to
+   `{"kind": "autoencoder_kl", "path": <its folder>}` and call `run`);
 3. pretrains a small Video-GPT by next clip diffusion (`train.train`, checkpoints in
    `workdir/train`, metrics in `workdir/train/metrics.jsonl` and TensorBoard);
 4. predicts the held-out continuations from their first frames, with the same sampler users

@@ -155,8 +155,8 @@ def markdown_report(report: dict) -> str:
 def evaluate(pipeline, videos: Sequence[HeldOutVideo], *, context_frames: int,
              predict_frames: int, clip_frames: int | None = None, steps: int = 50,
              guidance: float = 1.5, seed: int = 0, fvd: bool = False, mean_row: bool = True,
-             progress=None) -> dict:
-    """Run the model and the baselines on `videos`; returns the report dict (and predictions)."""
+             progress=None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Run the model and the baselines on `videos`; returns (report, predictions by method)."""
     check_videos(videos, context_frames, predict_frames)
     space = pipeline.latent_space
     if space is None:

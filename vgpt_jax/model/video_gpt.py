@@ -67,7 +67,7 @@ def _param(rngs, init, shape, axes, dtype):
 class Dense(nnx.Module):
     """y = x @ kernel + bias, with logical axis names on both."""
 
-    def __init__(self, din, dout, axes, init, *, rngs, dtype, zero_bias=True):
+    def __init__(self, din, dout, axes, init, *, rngs, dtype):
         self.kernel = _param(rngs, init, (din, dout), axes, dtype)
         self.bias = _param(rngs, nnx.initializers.zeros, (dout,), axes[1:], dtype)
 
