@@ -3,6 +3,7 @@ batching, the training-time view of every step, the rolling cache, and input err
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,14 +59,15 @@ def rel_err(a, b):
 
 def make_reference(model):
     """The release's algorithm, written plainly: per step, the conditional branch is one forward
-    over [clean history, noisy clip] and the unconditional one the noisy clip alone from 0."""
+    over [clean history, noisy clip] and the unconditional one the noisy clip alone from 0. The
+    network's output is x1 (v = (x1 - z) / (1 - sigma)) or v itself; guidance combines the v's."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def forward(state, blocks, t, layout):
         return nnx.merge(graphdef, state)(blocks, t, layout)
 
-    def denoise(history, z, sigmas, guidance):
+    def denoise(history, z, sigmas, guidance, prediction_type):
         b, hist, n = z.shape[0], history.shape[1], z.shape[1]
         cond_layout = layout_lib.concat(
             layout_lib.clip_layout(b, hist, L, noisy=False, clip=0),
@@ -75,12 +77,12 @@ def make_reference(model):
         for i in range(len(sigmas) - 1):
             s = sigmas[i]
             t = np.full((b, n), s, np.float32)
-            x1_c = np.asarray(forward(state, np.concatenate([history, z], 1),
-                                      np.concatenate([np.ones((b, hist), np.float32), t], 1),
-                                      cond_layout))[:, hist:]
-            v = (x1_c - z) / (1 - s)
+            to_v = (lambda out: out) if prediction_type == "v" else (lambda out: (out - z) / (1 - s))
+            v = to_v(np.asarray(forward(state, np.concatenate([history, z], 1),
+                                        np.concatenate([np.ones((b, hist), np.float32), t], 1),
+                                        cond_layout))[:, hist:])
             if guidance != 1.0 and hist:
-                v_u = (np.asarray(forward(state, z, t, alone)) - z) / (1 - s)
+                v_u = to_v(np.asarray(forward(state, z, t, alone)))
                 v = v_u + guidance * (v - v_u)
             z = z + (sigmas[i + 1] - s) * v
         return z
@@ -92,13 +94,15 @@ def make_reference(model):
             if history.shape[1] + n > cfg.window:
                 history = history[:, history.shape[1] - (cfg.window - n):]
             z0 = sampling.initial_noise(seeds, (n, H, W, 4), k)
-            clips.append(denoise(history, z0, sigmas, cfg.guidance))
+            clips.append(denoise(history, z0, sigmas, cfg.guidance, cfg.prediction_type))
             new = clips[-1]
             if cfg.context_noise:
-                new = sampling.add_context_noise(new, seeds, k, cfg.context_noise)
+                eps = sampling.context_eps(seeds, new.shape[1:], k)
+                new = sampling.add_context_noise(new, eps, cfg.context_noise)
             history = np.concatenate([history, new], 1)
         return np.concatenate(clips, 1)
 
+    sample.denoise = denoise
     return sample
 
 
@@ -114,6 +118,97 @@ def test_cached_sampling_equals_full_recomputation(model, context, guidance, con
         recompute = sampling.sample_video(model, CLIPS, dataclasses.replace(
             cfg, cache_mode="recompute"), [0, 1], context_BFhwc=context)
         assert rel_err(recompute, reference) < 1e-5
+
+
+# ----------------------------------------------------------------------------- v-prediction
+
+
+def test_v_and_x1_sampling_agree_on_the_same_network_output(model, context):
+    """A denoiser that outputs v = (x1_hat - z) / (1 - t) of an x1 network, sampled as "v",
+    follows the x1 network's trajectory sampled as "x1" (guided and not): the two
+    parameterisations are one Euler step."""
+    graphdef, state = nnx.split(model)
+    cache = sampling._build_cache(graphdef, state, jnp.asarray(context))
+    z0 = jnp.asarray(sampling.initial_noise([0, 1], (2, H, W, 4), 0))
+    sigmas = jnp.asarray(sampling.time_grid(STEPS))
+
+    @functools.partial(jax.jit, static_argnums=(2, 3))
+    def run(state, cache, guided, as_v):
+        x1_fn = sampling.cached_x1_fn(nnx.merge(graphdef, state), cache, 2, L, guided)
+        fn = (lambda z, t: (x1_fn(z, t) - z) / (1 - t[..., None, None, None])) if as_v else x1_fn
+        return sampling.euler(fn, z0, sigmas, jnp.float32(1.5), guided,
+                              "v" if as_v else "x1")
+
+    for guided in (False, True):
+        assert rel_err(run(state, cache, guided, True), run(state, cache, guided, False)) < 1e-5
+
+
+def test_prediction_type_reaches_the_euler_step(model, context):
+    """sample_video with prediction_type="v" integrates the network's output as the velocity
+    (the plain reference), with and without the cache, and differs from x1 sampling."""
+    cfg = sampling.SamplerConfig(steps=STEPS, window=WINDOW, prediction_type="v")
+    as_v = sampling.sample_video(model, CLIPS, cfg, [0, 1], context_BFhwc=context)
+    reference = make_reference(model)(context, CLIPS, cfg, [0, 1])
+    assert rel_err(as_v, reference) < 1e-5
+    recompute = sampling.sample_video(model, CLIPS, dataclasses.replace(
+        cfg, cache_mode="recompute"), [0, 1], context_BFhwc=context)
+    assert rel_err(recompute, reference) < 1e-5
+    as_x1 = sampling.sample_video(model, CLIPS, dataclasses.replace(cfg, prediction_type="x1"),
+                                  [0, 1], context_BFhwc=context)
+    assert rel_err(as_x1, as_v) > 1e-2
+
+
+# ----------------------------------------------------------------------------- release context noise
+
+
+def test_release_context_noise_matches_the_official_formulas(model, context):
+    """`renoise_context`: before every clip after the first, the whole context window is
+    re-noised with fresh draws, (1 - c) x + c eps, while the stored history stays clean. With
+    every draw injected, the per-clip outputs equal a plain loop written from the official
+    pipeline's formulas (window trim, then noise, then 50-step-style Euler with guidance)."""
+    c, guidance = 0.3, 1.5
+    rng = np.random.default_rng(7)
+    noise = [rng.standard_normal((2, n, H, W, 4)).astype(np.float32) for n in CLIPS]
+    reference = make_reference(model)
+    sigmas = sampling.time_grid(STEPS)
+    history, expected, eps_used = context, [], []
+    for k, n in enumerate(CLIPS):
+        if history.shape[1] + n > WINDOW:
+            history = history[:, history.shape[1] - (WINDOW - n):]
+        eps = rng.standard_normal(history.shape).astype(np.float32) if k > 0 else None
+        eps_used.append(eps)
+        seen = history if k == 0 else (1 - c) * history + c * eps
+        expected.append(reference.denoise(seen, noise[k], sigmas, guidance, "x1"))
+        history = np.concatenate([history, expected[-1]], 1)  # the clean clip joins
+    cfg = sampling.SamplerConfig(steps=STEPS, guidance=guidance, window=WINDOW,
+                                 cache_mode="recompute", context_noise=c, renoise_context=True)
+    clips = []
+    out = sampling.sample_video(model, CLIPS, cfg, [0, 1], context_BFhwc=context,
+                                noise_per_clip=noise, context_eps_per_clip=eps_used,
+                                on_clip=lambda k, clip: clips.append(clip))
+    for k, (ours, theirs) in enumerate(zip(clips, expected)):
+        assert rel_err(ours, theirs) < 1e-5, f"clip {k}"
+    np.testing.assert_array_equal(out, np.concatenate(clips, 1))
+    # Our default (each clip noised once as it joins) sees other contexts from clip 1 on.
+    once = sampling.sample_video(model, CLIPS, dataclasses.replace(cfg, renoise_context=False),
+                                 [0, 1], context_BFhwc=context, noise_per_clip=noise)
+    assert rel_err(once[:, :CLIPS[0]], out[:, :CLIPS[0]]) < 1e-6
+    assert rel_err(once[:, CLIPS[0]:], out[:, CLIPS[0]:]) > 1e-3
+
+
+def test_injected_noise_replaces_the_seeded_draws(model, context):
+    cfg = sampling.SamplerConfig(steps=STEPS, window=WINDOW)
+    seeded = sampling.sample_video(model, (2, 1), cfg, [3, 4], context_BFhwc=context)
+    given = [sampling.initial_noise([3, 4], (n, H, W, 4), k) for k, n in enumerate((2, 1))]
+    injected = sampling.sample_video(model, (2, 1), cfg, [0, 0], context_BFhwc=context,
+                                     noise_per_clip=given)
+    np.testing.assert_array_equal(injected, seeded)
+    with pytest.raises(ValueError, match=r"noise_per_clip\[1\]: shape \(2, 2"):
+        sampling.sample_video(model, (2, 1), cfg, [0, 0], context_BFhwc=context,
+                              noise_per_clip=[given[0], given[0]])
+    with pytest.raises(ValueError, match="renoise_context"):
+        sampling.sample_video(model, (2,), dataclasses.replace(cfg, renoise_context=True), [0],
+                              context_BFhwc=context[:1])
 
 
 def test_guidance_scale_one_is_the_conditional_branch(model, context):

@@ -1,7 +1,12 @@
 """Convert the released Video-GPT PyTorch checkpoint (`GrayShine/Video-GPT`) into a vgpt_jax export.
 
-The official folder holds a Phi-3 `config.json`, tokenizer files and `model.safetensors` (or a
-sharded `model.safetensors.index.json`, or `model.pt`) with the state dict of `LVM/model.py`:
+An official checkpoint is a folder with the Phi-3 `config.json` and the tokenizer files, and the
+weights beside them or in a `transformer/` subfolder (the official inference script runs as
+`--model_name ckpt --model_ckpt ckpt/transformer`), optionally with a diffusers VAE in `vae/`.
+The weights are the state dict of `LVM/model.py` in one of, in the official script's order:
+`model.pt`, `model.safetensors`, `pytorch_model.bin`, a `pytorch_model.bin/` folder of `.bin`
+shards; Hugging Face's sharded `model.safetensors.index.json` and `pytorch_model.bin.index.json`
+are accepted too. The keys:
 
     x_embedder.proj.{weight,bias}             Conv2d(C -> D, p, stride p), noisy frames
     input_x_embedder.proj.{weight,bias}       the same for clean frames
@@ -11,20 +16,30 @@ sharded `model.safetensors.index.json`, or `model.pt`) with the state dict of `L
     pos_embed                                 buffer [1, G*G, D]: the fixed 2-D sin-cos table
     llm.*                                     a transformers `Phi3Model`
 
-`convert` streams it tensor by tensor into one preallocated numpy array per vgpt_jax parameter
-(layer tensors stacked on the leading `layers` axis), so host memory stays near one copy of the
-output; `load_pretrained` converts once into a cache keyed by the source files and loads the
-export. The marker tokens are three rows of `llm.embed_tokens`, found by the tokenizer files.
+Pickles (`.pt`, `.bin`) are read only with `torch.load(weights_only=True)`, which rebuilds
+tensors and plain containers and runs no code from the file; a pickle that needs anything else
+is refused.
+
+`convert` streams the weights tensor by tensor into one preallocated numpy array per vgpt_jax
+parameter (layer tensors stacked on the leading `layers` axis), so host memory stays near one
+copy of the output; `load_pretrained` converts once into a cache keyed by the source files and
+loads the export. The marker tokens are three rows of `llm.embed_tokens`, found by the
+tokenizer files. The export records the prediction type (`objective.prediction_type`; the
+official script samples `model.pt` weights as v-prediction, every other file as x1-prediction)
+and the VAE (`latent_space`: a copy of the bundled `vae/`, else SDXL-VAE from the hub).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -35,23 +50,28 @@ from vgpt_jax import checkpoint
 from vgpt_jax.config import ModelConfig, get_model_config
 from vgpt_jax.model.video_gpt import pos_embed_2d
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 MARKER_TOKENS = ("<|diffusion|>", "<img>", "</img>")  # rows of `model.markers`, in this order
-SAFETENSORS, SAFETENSORS_INDEX, TORCH_PICKLE = (
-    "model.safetensors", "model.safetensors.index.json", "model.pt")
+TORCH_PICKLE, SAFETENSORS, TORCH_BIN = "model.pt", "model.safetensors", "pytorch_model.bin"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+# The official script tries model.pt, model.safetensors, pytorch_model.bin (a file, else a folder
+# of .bin shards) in this order; the index files (Hugging Face sharding) come after their kind.
+WEIGHT_FILES = (TORCH_PICKLE, SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX)
+WEIGHTS_SUBFOLDER, VAE_SUBFOLDER = "transformer", "vae"
 TOKENIZER_FILES = ("tokenizer.json", "added_tokens.json", "tokenizer_config.json")
-HUB_PATTERNS = ["config.json", *TOKENIZER_FILES, "special_tokens_map.json", "model.safetensors*",
-                "model-*.safetensors", "model.pt"]
+CONFIG_FILES = ("config.json", *TOKENIZER_FILES, "special_tokens_map.json")
 # The official model has an optional clean-input reconstruction head that inference never uses.
 IGNORED_PREFIXES = ("input_final_layer.",)
 # LVM/transform/sdpa_transform.py:52 calls rotary_emb(..., seq_len=5000): transformers 4.47 then
 # picks the LongRoPE long factors whenever 5000 > original_max_position_embeddings.
 OFFICIAL_ROPE_SEQ_LEN = 5000
 ROPE_FACTOR_RULES = ("official", "by_length")
-# The released model's latents: SDXL-VAE (video_gpt.md section 2); `Pipeline.from_checkpoint`
-# builds it from this section of the export's config.
+# The official pipeline's VAE when the checkpoint bundles none (`LVMPipeline.from_pretrained`);
+# `Pipeline.from_checkpoint` builds it from this section of the export's config.
 OFFICIAL_LATENT_SPACE = {"kind": "autoencoder_kl", "path": "stabilityai/sdxl-vae"}
 OUTPUT_DTYPES = ("bfloat16", "float32")
+PREDICTION_TYPES = ("x1", "v")
 
 
 class ConversionError(ValueError):
@@ -61,12 +81,112 @@ class ConversionError(ValueError):
 # ----------------------------------------------------------------------------- source files
 
 
-def find_weights(folder: str) -> str:
-    for name in (SAFETENSORS, SAFETENSORS_INDEX, TORCH_PICKLE):
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    raise ConversionError(f"{folder!r} has no weights: expected one of {SAFETENSORS}, "
-                          f"{SAFETENSORS_INDEX} or {TORCH_PICKLE}")
+@dataclasses.dataclass(frozen=True)
+class SourceLayout:
+    """Where an official checkpoint's files are."""
+    root: str                   # the folder with config.json and the tokenizer files
+    weights: tuple[str, ...]    # the tensor files: one, or the shards
+    vae: str | None             # a bundled diffusers VAE folder
+
+    @property
+    def official_prediction_type(self) -> str:
+        """The official script switches to v-prediction when it loads `model.pt`."""
+        return "v" if [os.path.basename(w) for w in self.weights] == [TORCH_PICKLE] else "x1"
+
+    def files(self) -> list[str]:
+        """Every file the conversion reads (the cache fingerprint)."""
+        found = [os.path.join(self.root, n) for n in CONFIG_FILES]
+        if self.vae:
+            found += [os.path.join(d, n) for d, _, names in os.walk(self.vae) for n in names]
+        return sorted(p for p in found if os.path.isfile(p)) + list(self.weights)
+
+
+def _index_shards(index_path: str) -> list[str]:
+    with open(index_path) as f:
+        weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(f"{index_path!r} has no 'weight_map'")
+    folder = os.path.dirname(index_path)
+    shards = [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
+    missing = [os.path.basename(s) for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise ConversionError(f"{index_path!r} names the shard(s) {missing}, which are missing")
+    return shards
+
+
+def weights_in(folder: str) -> list[str] | None:
+    """The tensor files of `folder` by the official order (`WEIGHT_FILES`), or None."""
+    for name in WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return _index_shards(path) if name.endswith(".index.json") else [path]
+    shard_dir = os.path.join(folder, TORCH_BIN)  # the official script's folder of .bin shards
+    if os.path.isdir(shard_dir):
+        shards = sorted(n for n in os.listdir(shard_dir) if n.endswith(".bin"))
+        if not shards:
+            raise ConversionError(f"{shard_dir!r} is a folder without .bin shards")
+        return [os.path.join(shard_dir, n) for n in shards]
+    return None
+
+
+def weights_at(path: str) -> list[str]:
+    """The tensor files named by `--weights`: a file (an index gives its shards) or a folder
+    (its official weights file, else all its `.safetensors` or all its `.bin` files)."""
+    if os.path.isfile(path):
+        if path.endswith(".index.json"):
+            return _index_shards(path)
+        if not path.endswith((".safetensors", ".pt", ".bin", ".pth")):
+            raise ConversionError(f"weights {path!r}: expected a .safetensors, .pt, .pth or "
+                                  ".bin file, or a *.index.json")
+        return [path]
+    if not os.path.isdir(path):
+        raise ConversionError(f"weights {path!r}: no such file or folder")
+    found = weights_in(path)
+    if found:
+        return found
+    for ext in (".safetensors", ".bin"):
+        shards = sorted(n for n in os.listdir(path) if n.endswith(ext))
+        if shards:
+            return [os.path.join(path, n) for n in shards]
+    raise ConversionError(f"weights folder {path!r} has no {', '.join(WEIGHT_FILES)}, "
+                          f"{TORCH_BIN}/ shard folder, .safetensors or .bin files")
+
+
+def locate(source: str, weights: str | None = None) -> SourceLayout:
+    """Find config, weights and VAE as the official scripts do.
+
+    `source`: the checkpoint folder (config.json and tokenizer), or its weights subfolder
+    (config.json one level up, as `--model_ckpt ckpt/transformer`). Without `weights`, the
+    weights are found beside config.json or in `transformer/`; finding both is an error.
+    """
+    if not os.path.isdir(source):
+        raise ConversionError(f"source {source!r} is not a folder")
+    root = source
+    parent = os.path.dirname(os.path.abspath(source))
+    if (not os.path.isfile(os.path.join(source, "config.json"))
+            and os.path.isfile(os.path.join(parent, "config.json"))):
+        root, weights = parent, source if weights is None else weights
+    if weights is not None:
+        files = weights_at(weights)
+    else:
+        found = {}
+        for folder in (root, os.path.join(root, WEIGHTS_SUBFOLDER)):
+            got = weights_in(folder) if os.path.isdir(folder) else None
+            if got:
+                found[folder] = got
+        if len(found) > 1:
+            raise ConversionError(f"{source!r} has weights both beside config.json and in "
+                                  f"{WEIGHTS_SUBFOLDER}/: choose one with --weights")
+        if not found:
+            raise ConversionError(
+                f"{source!r} has no weights: expected one of {', '.join(WEIGHT_FILES)} or a "
+                f"{TORCH_BIN}/ folder of shards, beside config.json or in {WEIGHTS_SUBFOLDER}/ "
+                "(or name them with --weights)")
+        files = next(iter(found.values()))
+    vae = os.path.join(root, VAE_SUBFOLDER)
+    has_vae = os.path.isfile(os.path.join(vae, "config.json"))
+    return SourceLayout(root, tuple(os.path.abspath(f) for f in files),
+                        os.path.abspath(vae) if has_vae else None)
 
 
 def read_phi3_config(folder: str) -> dict:
@@ -118,74 +238,92 @@ def marker_token_ids(folder: str) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------- tensors
 
 
-class TensorSource:
-    """Random access to the tensors of a checkpoint without loading all of it: shapes first,
-    then one tensor (or a few rows of one) at a time, as numpy (bfloat16 via ml_dtypes)."""
-
-    def __init__(self, weights_path: str):
-        self.path = weights_path
-        self._files, self._torch = {}, None
-        self._where: dict[str, str] = {}
-        if weights_path.endswith(".pt"):
-            self._open_torch(weights_path)
-        else:
-            self._open_safetensors(weights_path)
-
-    def _open_safetensors(self, path):
-        from safetensors import safe_open
-        if path.endswith(".json"):
-            with open(path) as f:
-                weight_map = json.load(f)["weight_map"]
-            shards = sorted(set(weight_map.values()))
-            folder = os.path.dirname(path)
-            files = {s: os.path.join(folder, s) for s in shards}
-        else:
-            files = {os.path.basename(path): path}
-        for name, file_path in files.items():
-            if not os.path.isfile(file_path):
-                raise ConversionError(f"{path!r} names the shard {name!r}, which is missing")
-            handle = safe_open(file_path, framework="np")
-            self._files[name] = handle
-            for key in handle.keys():
-                self._where[key] = name
-
-    def _open_torch(self, path):
+def load_torch_pickle(path: str) -> dict:
+    """A state dict from a `.pt` / `.bin` file via `torch.load(weights_only=True)` only."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ConversionError(f"{path!r} is a PyTorch pickle: install torch to convert it "
+                              "(or convert it to safetensors)") from e
+    try:
         try:
-            import torch
-        except ImportError as e:
-            raise ConversionError(f"{path!r} is a PyTorch pickle: install torch to convert it "
-                                  "(or convert it to model.safetensors)") from e
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        # Training scripts sometimes wrap the state dict; unwrap a single obvious container.
-        for wrapper in ("state_dict", "module", "model"):
-            if isinstance(state.get(wrapper), dict) and len(state) == 1:
-                state = state[wrapper]
-        self._torch = state
-        self._where = {k: TORCH_PICKLE for k, v in state.items() if hasattr(v, "shape")}
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Files in torch's legacy (pre-zip) format cannot be memory-mapped.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise ConversionError(f"{path!r} is not a PyTorch checkpoint ({e})") from e
+        # torch's message is a page long; its line naming the offending global is the one that
+        # matters.
+        why = next((line.strip() for line in str(e).splitlines()
+                    if "GLOBAL" in line or "Unsupported" in line), "")
+        raise ConversionError(
+            f"refused to load {path!r}: the pickle holds more than tensors ({why or 'see torch'}),"
+            " and vgpt_jax reads pickles only with torch.load(weights_only=True), which runs no "
+            "code from the file. If you trust the file, re-save its state dict as safetensors"
+        ) from None
+    except RuntimeError as e:
+        raise ConversionError(f"{path!r} is not a readable PyTorch checkpoint ({e})") from e
+    # Training scripts sometimes wrap the state dict; unwrap a single obvious container.
+    for wrapper in ("state_dict", "module", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict) and len(state) == 1:
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path!r} holds a {type(state).__name__}, not a state dict")
+    return {k: v for k, v in state.items() if hasattr(v, "shape")}
+
+
+class TensorSource:
+    """Random access to the tensors of a checkpoint's files without loading all of it: shapes
+    first, then one tensor (or a few rows of one) at a time, as numpy (bfloat16 via ml_dtypes)."""
+
+    def __init__(self, files: Sequence[str]):
+        self._safetensors, self._torch = {}, {}
+        self._where: dict[str, str] = {}
+        for path in files:
+            if path.endswith(".safetensors"):
+                from safetensors import safe_open
+                handle = safe_open(path, framework="np")
+                self._safetensors[path] = handle
+                keys = handle.keys()
+            else:
+                self._torch[path] = load_torch_pickle(path)
+                keys = self._torch[path].keys()
+            for key in keys:
+                if key in self._where:
+                    raise ConversionError(f"tensor {key!r} is in two weights files: "
+                                          f"{self._where[key]!r} and {path!r}")
+                self._where[key] = path
 
     def keys(self):
         return self._where.keys()
 
     def shape(self, key: str) -> tuple[int, ...]:
-        if self._torch is not None:
-            return tuple(self._torch[key].shape)
-        return tuple(self._files[self._where[key]].get_slice(key).get_shape())
+        path = self._where[key]
+        if path in self._torch:
+            return tuple(self._torch[path][key].shape)
+        return tuple(self._safetensors[path].get_slice(key).get_shape())
 
     def read(self, key: str) -> np.ndarray:
-        if self._torch is not None:
-            return _torch_to_numpy(self._torch[key])
-        return self._files[self._where[key]].get_tensor(key)
+        path = self._where[key]
+        if path in self._torch:
+            return _torch_to_numpy(self._torch[path][key])
+        return self._safetensors[path].get_tensor(key)
 
     def read_rows(self, key: str, rows) -> np.ndarray:
         """Rows `rows` of a 2-D tensor (the marker rows of the 32k-row embedding table)."""
-        if self._torch is not None:
-            return _torch_to_numpy(self._torch[key][list(rows)])
-        sl = self._files[self._where[key]].get_slice(key)
+        path = self._where[key]
+        if path in self._torch:
+            return _torch_to_numpy(self._torch[path][key][list(rows)])
+        sl = self._safetensors[path].get_slice(key)
         return np.concatenate([sl[r:r + 1] for r in rows], axis=0)
 
     def close(self):
-        self._files.clear()
-        self._torch = None
+        self._safetensors.clear()
+        self._torch.clear()
 
     def __enter__(self):
         return self
@@ -406,24 +544,32 @@ def convert_tensors(src: TensorSource, cfg: ModelConfig, marker_ids, dtype) -> d
 
 
 def convert(source_dir: str, output_dir: str, dtype: str = "bfloat16",
-            rope_factor_rule: str = "official") -> ml_collections.ConfigDict:
-    """Convert an official checkpoint folder into a vgpt_jax export (config.json + params/).
+            rope_factor_rule: str = "official", *, weights: str | None = None,
+            prediction_type: str | None = None) -> ml_collections.ConfigDict:
+    """Convert an official checkpoint into a vgpt_jax export (config.json + params/ [+ vae/]).
 
-    Returns the export's config (`model` section plus the `pretrained` provenance). All checks
-    (config, tokenizer, every key and shape, the position table) run before any weight is read.
+    source_dir: the checkpoint folder, or its weights subfolder (see `locate`). weights: the
+    tensor file(s) when they are elsewhere or named otherwise. prediction_type: "x1" or "v";
+    None takes the official script's rule (v for `model.pt`, else x1).
+    Returns the export's config: `model`, `latent_space` (the bundled VAE, copied into the
+    export, else SDXL-VAE), `objective.prediction_type` and the `pretrained` provenance. All
+    checks (config, tokenizer, every key and shape, the position table) run before any weight
+    is read.
     """
     import ml_dtypes
-    if not os.path.isdir(source_dir):
-        raise ConversionError(f"source {source_dir!r} is not a folder")
-    phi3 = read_phi3_config(source_dir)
-    marker_ids = marker_token_ids(source_dir)
-    weights = find_weights(source_dir)
-    with TensorSource(weights) as src:
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise ConversionError(f"prediction_type={prediction_type!r}: choose one of "
+                              f"{PREDICTION_TYPES}")
+    layout = locate(source_dir, weights)
+    phi3 = read_phi3_config(layout.root)
+    marker_ids = marker_token_ids(layout.root)
+    where = layout.weights[0] if len(layout.weights) == 1 else os.path.dirname(layout.weights[0])
+    with TensorSource(layout.weights) as src:
         shapes = {k: src.shape(k) for k in src.keys()}
         model_cfg_dict = model_config_from_phi3(phi3, shapes, dtype, rope_factor_rule)
         cfg = ModelConfig.from_config(model_cfg_dict)
         vocab = int(phi3.get("vocab_size", shapes.get("llm.embed_tokens.weight", (0,))[0]))
-        check_state_dict(shapes, expected_shapes(cfg, vocab), weights)
+        check_state_dict(shapes, expected_shapes(cfg, vocab), where)
         bad = [(t, i) for t, i in zip(MARKER_TOKENS, marker_ids) if not 0 <= i < vocab]
         if bad:
             raise ConversionError(f"marker token ids {bad} are outside the embedding table "
@@ -431,13 +577,22 @@ def convert(source_dir: str, output_dir: str, dtype: str = "bfloat16",
         check_pos_embed(src.read("pos_embed"), cfg)
         np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
         params = convert_tensors(src, cfg, marker_ids, np_dtype)
-    config = ml_collections.ConfigDict({"model": model_cfg_dict,
-                                        "latent_space": dict(OFFICIAL_LATENT_SPACE)})
+    # A relative latent-space path is relative to the export (`Pipeline.from_checkpoint`).
+    latent_space = ({"kind": "autoencoder_kl", "path": VAE_SUBFOLDER} if layout.vae
+                    else dict(OFFICIAL_LATENT_SPACE))
+    root = os.path.abspath(layout.root)
+    config = ml_collections.ConfigDict({
+        "model": model_cfg_dict, "latent_space": latent_space,
+        "objective": {"prediction_type": prediction_type or layout.official_prediction_type}})
     config.pretrained = ml_collections.ConfigDict(dict(
-        source=os.path.abspath(source_dir), weights=os.path.basename(weights),
+        source=root, weights=[os.path.relpath(w, root) for w in layout.weights],
+        vae=os.path.relpath(layout.vae, root) if layout.vae else OFFICIAL_LATENT_SPACE["path"],
+        prediction_type_rule="official" if prediction_type is None else "given",
         marker_token_ids=list(marker_ids), rope_factor_rule=rope_factor_rule,
         converter_version=CONVERTER_VERSION))
     checkpoint.export_model(output_dir, _model_with_params(cfg, params), config)
+    if layout.vae:  # copied: the export stays usable when the source moves or goes
+        shutil.copytree(layout.vae, os.path.join(output_dir, VAE_SUBFOLDER), dirs_exist_ok=True)
     return config
 
 
@@ -448,29 +603,59 @@ def _model_with_params(cfg: ModelConfig, params: dict):
     return nnx.merge(graphdef, abstract_params, rest)
 
 
+def hub_patterns(names: Sequence[str] | None) -> list[str]:
+    """What to download of a hub repo: config, tokenizer, `vae/`, and in the root and in
+    `transformer/` the weights the official order picks from the listing `names` (every
+    candidate when the listing is unavailable, e.g. offline with a cached snapshot)."""
+    patterns = list(CONFIG_FILES) + [f"{VAE_SUBFOLDER}/*"]
+    shard_globs = {SAFETENSORS_INDEX: "model-*.safetensors", TORCH_BIN_INDEX: "pytorch_model-*.bin"}
+    for prefix in ("", WEIGHTS_SUBFOLDER + "/"):
+        candidates = [*WEIGHT_FILES, TORCH_BIN + "/"]
+        if names is not None:
+            present = set(names)
+            candidates = [n for n in candidates if prefix + n in present
+                          or (n.endswith("/") and any(p.startswith(prefix + n) for p in present))]
+            candidates = candidates[:1]
+        for name in candidates:
+            patterns.append(prefix + (name + "*.bin" if name.endswith("/") else name))
+            if name in shard_globs:
+                patterns.append(prefix + shard_globs[name])
+    return patterns
+
+
 def resolve_source(path_or_repo: str, cache_dir: str | None = None) -> str:
-    """A local folder as is; a Hugging Face repo id (`owner/name`) via `snapshot_download`."""
+    """A local folder as is; a Hugging Face repo id (`owner/name`) via `snapshot_download`,
+    with its `transformer/` and `vae/` subfolders."""
     if os.path.isdir(path_or_repo):
         return path_or_repo
     if os.path.exists(path_or_repo) or path_or_repo.startswith((".", "/", "~")) or \
             not re.fullmatch(r"[\w.-]+/[\w.-]+", path_or_repo):
         raise ConversionError(f"{path_or_repo!r} is neither a checkpoint folder nor a Hugging "
                               "Face repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-    return snapshot_download(path_or_repo, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
+    from huggingface_hub import list_repo_files, snapshot_download
+    try:
+        names = list_repo_files(path_or_repo)
+    except Exception:  # offline or unreachable: a cached snapshot may still serve every pattern
+        names = None
+    try:
+        return snapshot_download(path_or_repo, cache_dir=cache_dir,
+                                 allow_patterns=hub_patterns(names))
+    except Exception as e:  # the hub's errors are many types; the user needs one line
+        raise ConversionError(f"could not download {path_or_repo!r} from the Hugging Face hub "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
+                              " pass a local checkpoint folder instead") from e
 
 
-def source_fingerprint(folder: str, dtype: str, rope_factor_rule: str) -> str:
+def source_fingerprint(layout: SourceLayout, *options) -> str:
     """Cache key: the source files' resolved paths, sizes and mtimes plus the options (hashing
     7.5 GB of weights would cost more than converting; hub snapshots resolve to content-hashed
     blobs, so their paths already change with the content)."""
     entries = []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            st = os.stat(path)
-            entries.append((name, os.path.realpath(path), st.st_size, st.st_mtime_ns))
-    blob = json.dumps([entries, dtype, rope_factor_rule, CONVERTER_VERSION])
+    for path in layout.files():
+        st = os.stat(path)
+        entries.append((os.path.abspath(path), os.path.realpath(path), st.st_size,
+                        st.st_mtime_ns))
+    blob = json.dumps([entries, list(options), CONVERTER_VERSION])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -486,22 +671,24 @@ def is_export(path: str) -> bool:
 
 
 def pretrained_export(path_or_repo: str, cache_dir: str | None = None, dtype: str = "bfloat16",
-                      rope_factor_rule: str = "official") -> str:
+                      rope_factor_rule: str = "official", *, weights: str | None = None) -> str:
     """The folder of the converted export of an official checkpoint, converting on first use.
 
-    `path_or_repo`: an official checkpoint folder or a hub repo id (`GrayShine/Video-GPT`).
-    The export lands in `cache_dir/converted/<fingerprint>`; a changed source or option
-    converts again.
+    `path_or_repo`: an official checkpoint folder (or its weights subfolder) or a hub repo id
+    (`GrayShine/Video-GPT`); `weights` as in `convert`. The export lands in
+    `cache_dir/converted/<fingerprint>`; a changed source file or option converts again. It
+    records the official prediction type; `Pipeline.from_pretrained` can override it without
+    converting again.
     """
     cache_dir = cache_dir or default_cache_dir()
     source = resolve_source(path_or_repo, os.path.join(cache_dir, "hub"))
-    target = os.path.join(cache_dir, "converted", source_fingerprint(source, dtype,
-                                                                     rope_factor_rule))
+    key = source_fingerprint(locate(source, weights), dtype, rope_factor_rule)
+    target = os.path.join(cache_dir, "converted", key)
     if not os.path.isfile(os.path.join(target, checkpoint.CONFIG_FILE)):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=os.path.basename(target) + ".", dir=os.path.dirname(target))
         try:
-            convert(source, staging, dtype, rope_factor_rule)
+            convert(source, staging, dtype, rope_factor_rule, weights=weights)
             os.replace(staging, target)  # atomic: a crash never leaves a half-written cache entry
         except OSError:
             if not os.path.isfile(os.path.join(target, checkpoint.CONFIG_FILE)):
@@ -512,8 +699,9 @@ def pretrained_export(path_or_repo: str, cache_dir: str | None = None, dtype: st
 
 
 def load_pretrained(path_or_repo: str, cache_dir: str | None = None, dtype: str = "bfloat16",
-                    rope_factor_rule: str = "official", shardings=None):
+                    rope_factor_rule: str = "official", shardings=None, *,
+                    weights: str | None = None):
     """(model, config) of the released weights, converted on first use and cached (see
     `pretrained_export`); `shardings` is passed to `checkpoint.load_model`."""
-    return checkpoint.load_model(
-        pretrained_export(path_or_repo, cache_dir, dtype, rope_factor_rule), shardings)
+    return checkpoint.load_model(pretrained_export(path_or_repo, cache_dir, dtype,
+                                                   rope_factor_rule, weights=weights), shardings)

@@ -3,7 +3,9 @@
 One clip at a time (the reference's `prompt_condition_frame_block_autoregressive_inference`):
 - **Euler on the flow** from noise (t = 0) to data (t = 1): sigma = linspace(0, 1, S + 1), with
   the reference's optional time shift sigma / (sigma + s - s * sigma). The model sees
-  t = sigma_i and predicts x1; v = (x1_hat - z) / (1 - sigma_i); z += (sigma_{i+1} - sigma_i) v.
+  t = sigma_i and predicts x1 (`prediction_type="x1"`, then v = (x1_hat - z) / (1 - sigma_i))
+  or the velocity v = x1 - eps directly (`"v"`, as the official script samples `model.pt`
+  weights); z += (sigma_{i+1} - sigma_i) v.
 - **History guidance** v = v_u + s (v_c - v_u): the unconditional branch is the noisy clip
   alone, positions from 0. Both branches run as one [2B] batch: the second half shares the
   cache with its cache tokens marked invalid, so the one mask rule hides the history from it.
@@ -24,9 +26,13 @@ slots H..H+n-1 (H = frames in the history). All layouts come from `layout.clip_l
 
 Noise: fresh per clip and per video (`seeds[b]`, folded with the clip index), so a batch
 equals its videos sampled one by one; `same_noise_every_clip` reproduces the release, which
-re-seeds identically for every clip. Context noise (1 - c) x + c eps is applied to each
-generated clip when it joins the history (so from the second clip on, as in the release);
-the release re-noises the whole context before every clip, which a cache cannot do.
+re-seeds identically for every clip; callers may pass every draw (`initial_noise`,
+`context_eps`) to reproduce another implementation's run draw for draw. Context noise
+(1 - c) x + c eps is applied by default to each generated clip once, when it joins the
+history (so from the second clip on, as in the release). The release instead re-noises the
+whole context window with fresh draws before every clip after the first, the stored history
+staying clean (`renoise_context`); the history then changes every clip, which a cache cannot
+hold, so that option runs on the recompute path.
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ from vgpt_jax.model.rope import apply_rope, inverse_frequencies
 from vgpt_jax.model.video_gpt import KVCache
 
 CACHE_MODES = ("window", "rolling", "recompute")
+PREDICTION_TYPES = ("x1", "v")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +68,8 @@ class SamplerConfig:
     anchor_frames: int = 0           # rolling mode: sink frames kept at the start of the cache
     context_noise: float = 0.0       # c in (1 - c) x + c eps for generated clips joining history
     same_noise_every_clip: bool = False  # the release's re-seeding quirk
+    prediction_type: str = "x1"      # what the network predicts: "x1" or the velocity "v"
+    renoise_context: bool = False    # the release: re-noise the whole window before clips k >= 1
 
     def validate(self) -> None:
         def need(ok, field, msg):
@@ -79,6 +88,11 @@ class SamplerConfig:
         need(self.anchor_frames == 0 or self.cache_mode == "rolling", "anchor_frames",
              "anchor (sink) frames need cache_mode='rolling'")
         need(0.0 <= self.context_noise <= 1.0, "context_noise", "must lie in [0, 1]")
+        need(self.prediction_type in PREDICTION_TYPES, "prediction_type",
+             f"must be one of {PREDICTION_TYPES}")
+        need(not self.renoise_context or self.cache_mode == "recompute", "renoise_context",
+             "re-noising the whole context before every clip changes the history each clip, "
+             "which a KV cache cannot hold: use cache_mode='recompute'")
 
 
 def time_grid(steps: int, time_shift: float = 1.0) -> np.ndarray:
@@ -168,14 +182,17 @@ def _block_len(model: VideoGPT, latents_BNhwc) -> int:
 # ----------------------------------------------------------------------------- the Euler loop
 
 
-def euler(x1_fn: Callable, z0_BNhwc, sigmas, guidance, guided: bool):
-    """Integrate z from sigma_0 to sigma_S; `x1_fn(z, t)` predicts x1 for [B] or, guided, [2B]."""
+def euler(denoiser: Callable, z0_BNhwc, sigmas, guidance, guided: bool,
+          prediction_type: str = "x1"):
+    """Integrate z from sigma_0 to sigma_S; `denoiser(z, t)` is the network's output (x1 or v,
+    by `prediction_type`) for [B] or, guided, [2B]."""
     b = z0_BNhwc.shape[0]
 
     def step(i, z):
         s, s_next = sigmas[i], sigmas[i + 1]
         zz = jnp.concatenate([z, z]) if guided else z
-        v = (x1_fn(zz, jnp.full(zz.shape[:2], s)) - zz) / (1 - s)
+        out = denoiser(zz, jnp.full(zz.shape[:2], s))
+        v = out if prediction_type == "v" else (out - zz) / (1 - s)
         if guided:
             v = v[b:] + guidance * (v[:b] - v[b:])
         return z + (s_next - s) * v
@@ -237,20 +254,22 @@ def _extend_cache(graphdef, state, cache: KVCache, clean_BNhwc) -> KVCache:
     return model.extend_cache(clean_BNhwc, layout, cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _denoise_cached(graphdef, state, cache: KVCache, z0_BNhwc, sigmas, guided, guidance):
+@functools.partial(jax.jit, static_argnums=(0, 5, 7))
+def _denoise_cached(graphdef, state, cache: KVCache, z0_BNhwc, sigmas, guided, guidance,
+                    prediction_type="x1"):
     model = nnx.merge(graphdef, state)
     L = _block_len(model, z0_BNhwc)
     x1_fn = cached_x1_fn(model, cache, z0_BNhwc.shape[1], L, guided)
-    return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided)
+    return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _denoise_recompute(graphdef, state, history_BHhwc, z0_BNhwc, sigmas, guided, guidance):
+@functools.partial(jax.jit, static_argnums=(0, 5, 7))
+def _denoise_recompute(graphdef, state, history_BHhwc, z0_BNhwc, sigmas, guided, guidance,
+                       prediction_type="x1"):
     model = nnx.merge(graphdef, state)
     L = _block_len(model, z0_BNhwc)
     x1_fn = recompute_x1_fn(model, history_BHhwc, z0_BNhwc.shape[1], L, guided)
-    return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided)
+    return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
 
 
 def shift_positions(x_BTHD, delta: int, model_cfg: ModelConfig):
@@ -295,12 +314,26 @@ def initial_noise(seeds: Sequence[int], shape, clip_index: int,
                      for s in seeds])
 
 
-def add_context_noise(latents_BNhwc: np.ndarray, seeds: Sequence[int], clip_index: int,
+def context_eps(seeds: Sequence[int], shape, clip_index: int) -> np.ndarray:
+    """The context noise's eps [B, *shape] at clip `clip_index`, per video from its seed."""
+    return np.stack([np.random.default_rng([s, 1, clip_index]).standard_normal(shape, np.float32)
+                     for s in seeds])
+
+
+def add_context_noise(latents_BNhwc: np.ndarray, eps_BNhwc: np.ndarray,
                       level: float) -> np.ndarray:
-    """(1 - c) x + c eps, eps per video from (seed, clip): the release's context noise."""
-    eps = np.stack([np.random.default_rng([s, 1, clip_index]).standard_normal(
-        latents_BNhwc.shape[1:], np.float32) for s in seeds])
-    return ((1 - level) * latents_BNhwc + level * eps).astype(np.float32)
+    """(1 - c) x + c eps: the release's context noise."""
+    return ((1 - level) * latents_BNhwc + level * eps_BNhwc).astype(np.float32)
+
+
+def _draw(given, k: int, shape, what: str, default: Callable[[], np.ndarray]) -> np.ndarray:
+    """Clip k's caller-supplied draw (checked against `shape`), else `default()`."""
+    if given is None or given[k] is None:
+        return default()
+    arr = np.asarray(given[k], np.float32)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{what}[{k}]: shape {arr.shape}, expected {tuple(shape)}")
+    return arr
 
 
 def empty_cache(model_cfg: ModelConfig, batch: int) -> KVCache:
@@ -317,12 +350,18 @@ def empty_cache(model_cfg: ModelConfig, batch: int) -> KVCache:
 def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
                  seeds: Sequence[int], *, context_BFhwc=None, latent_hw=None,
                  on_clip: Callable[[int, np.ndarray], None] | None = None,
-                 to_context: Callable[[int, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+                 to_context: Callable[[int, np.ndarray], np.ndarray] | None = None,
+                 noise_per_clip: Sequence[np.ndarray | None] | None = None,
+                 context_eps_per_clip: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
     """Generate `sum(clip_sizes)` frames after `context_BFhwc` (or from nothing): [B, N, h, w, C].
 
     seeds: one per video. on_clip(k, latents_BNhwc) runs after clip k (progress, saving).
     to_context(k, latents_BNhwc) -> latents: what a finished clip contributes to the history (the
     pipeline's decode -> uint8 -> encode round trip); the sampler's output by default.
+    noise_per_clip: one entry per clip, clip k's starting noise [B, n_k, h, w, C] (None: drawn
+    from the seeds). context_eps_per_clip: one per clip, the eps of clip k's context noise: with
+    `renoise_context` the whole window it sees [B, H_k, h, w, C] (k >= 1), else clip k itself
+    as it joins the history [B, n_k, h, w, C] (None: drawn from the seeds).
     """
     model_cfg: ModelConfig = model.cfg
     if context_BFhwc is not None:
@@ -336,6 +375,10 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
     check_request(model_cfg, cfg, clip_sizes,
                   None if context_BFhwc is None else tuple(context_BFhwc.shape),
                   tuple(latent_hw), seeds, batch)
+    for name, given in (("noise_per_clip", noise_per_clip),
+                        ("context_eps_per_clip", context_eps_per_clip)):
+        if given is not None and len(given) != len(clip_sizes):
+            raise ValueError(f"{name}: {len(given)} entries for {len(clip_sizes)} clips")
     h, w = latent_hw
     c = model_cfg.latent_channels
     L = block_len_for(model_cfg, h, w)
@@ -364,11 +407,19 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
             cache = (_build_cache(graphdef, state, history) if history.shape[1]
                      else empty_cache(model_cfg, batch))
         guided = cfg.guidance != 1.0 and history.shape[1] > 0
-        z0 = initial_noise(seeds, (n, h, w, c), k, cfg.same_noise_every_clip)
+        z0 = _draw(noise_per_clip, k, (batch, n, h, w, c), "noise_per_clip",
+                   lambda: initial_noise(seeds, (n, h, w, c), k, cfg.same_noise_every_clip))
         if use_cache:
-            clip = _denoise_cached(graphdef, state, cache, z0, sigmas, guided, guidance)
+            clip = _denoise_cached(graphdef, state, cache, z0, sigmas, guided, guidance,
+                                   cfg.prediction_type)
         else:
-            clip = _denoise_recompute(graphdef, state, history, z0, sigmas, guided, guidance)
+            seen = history
+            if cfg.renoise_context and k > 0 and cfg.context_noise > 0:
+                eps = _draw(context_eps_per_clip, k, history.shape, "context_eps_per_clip",
+                            lambda: context_eps(seeds, history.shape[1:], k))
+                seen = add_context_noise(history, eps, cfg.context_noise)
+            clip = _denoise_recompute(graphdef, state, seen, z0, sigmas, guided, guidance,
+                                      cfg.prediction_type)
         clips.append(np.asarray(clip))
         if on_clip is not None:
             on_clip(k, clips[-1])
@@ -376,8 +427,10 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
             break
         new = np.asarray(to_context(k, clips[-1]) if to_context is not None else clips[-1],
                          np.float32)
-        if cfg.context_noise > 0:
-            new = add_context_noise(new, seeds, k, cfg.context_noise)
+        if cfg.context_noise > 0 and not cfg.renoise_context:
+            eps = _draw(context_eps_per_clip, k, new.shape, "context_eps_per_clip",
+                        lambda: context_eps(seeds, new.shape[1:], k))
+            new = add_context_noise(new, eps, cfg.context_noise)
         history = np.concatenate([history, new], axis=1)
         if use_cache:
             resets = cfg.cache_mode == "window" and history.shape[1] + clip_sizes[k + 1] > cfg.window
