@@ -59,6 +59,9 @@ def test_resume_after_sigkill_is_bitwise_exact(reference, tmp_path):
     got, want = _state(tmp_path / "out.npz"), reference[1]
     assert int(got["step"]) == STEPS
     _assert_bitwise_equal(got, want)
+    # The restart logs steps 5 and 6 again: metrics.jsonl keeps each step once.
+    lines = (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == list(range(1, STEPS + 1))
 
 
 def test_sigterm_saves_exits_cleanly_and_resumes_exactly(reference, tmp_path):
@@ -135,3 +138,76 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp
     assert "FloatingPointError: non-finite loss nan at step 5" in proc.stdout
     assert "last good checkpoint is step 4" in proc.stdout
     assert max(int(s) for s in os.listdir(tmp_path / "work" / "checkpoints") if s.isdigit()) == 4
+
+
+def test_non_finite_state_never_reaches_disk(tmp_path):
+    # An infinite learning rate: step 1's loss and gradient are finite, its updated params are
+    # not. The old loss-only check saved that state as "the last good checkpoint".
+    proc = _run(tmp_path / "work", tmp_path / "out.npz", "--set", "optim.learning_rate=Infinity",
+                "--set", "optim.warmup_steps=0", "--set", "checkpoint.save_interval_steps=1",
+                ok=False)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "non-finite train state at step 1" in proc.stdout
+    assert "newest state checked finite is step 0" in proc.stdout
+    ckpts = tmp_path / "work" / "checkpoints"
+    assert not [s for s in os.listdir(ckpts) if s[0].isdigit()]
+
+
+def _copy_run(reference, dest):
+    import shutil
+    shutil.copytree(reference[0], dest)
+    return dest / "checkpoints" / str(STEPS)
+
+
+def _flip_bit(step_dir):
+    """Flip one bit in the middle of the largest params data file."""
+    files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir / "params") for f in fs
+             if os.sep + "d" + os.sep in os.path.join(r, f)]
+    path = max(files, key=os.path.getsize)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(path, "wb").write(bytes(data))
+
+
+def test_bit_flip_in_newest_checkpoint_falls_back_to_the_previous(reference, tmp_path):
+    _flip_bit(_copy_run(reference, tmp_path / "work"))
+    proc = _run(tmp_path / "work", tmp_path / "out.npz")
+    assert f"skipping checkpoint step {STEPS}: corrupt/unreadable checkpoint" in proc.stdout
+    assert f"resumed from step {STEPS - 2}, the newest checkpoint that verifies" in proc.stdout
+    # Resumed from step 4 and retrained 5 and 6: the same state as the uninterrupted run.
+    _assert_bitwise_equal(_state(tmp_path / "out.npz"), reference[1])
+    assert (tmp_path / "work" / "corrupt_checkpoints" / str(STEPS)).is_dir()
+
+
+@pytest.mark.parametrize("damage", ["no_manifest", "empty_metadata", "truncated_data_json"])
+def test_unreadable_checkpoint_is_called_corrupt(reference, tmp_path, damage):
+    from vgpt_jax import checkpoint, train
+    step_dir = _copy_run(reference, tmp_path / "work")
+    if damage == "no_manifest":
+        os.remove(step_dir / "params" / "manifest.ocdbt")
+    elif damage == "empty_metadata":
+        (step_dir / "params" / "_METADATA").write_text("")
+    else:
+        path = step_dir / "data" / "process_0-of-1.json"
+        path.write_text(path.read_text()[:5])
+    setup = train.build(make_config(), tiny_source())
+    with checkpoint.TrainCheckpointer(str(tmp_path / "work"), setup.config.checkpoint) as ckpt:
+        with pytest.raises(checkpoint.CorruptCheckpointError,
+                           match="corrupt/unreadable checkpoint" + (
+                               ".*process_0-of-1.json" if damage == "truncated_data_json" else "")):
+            ckpt.restore(STEPS, setup.abstract.params, setup.abstract.aux(), iter(setup.dataset))
+
+
+def test_changed_rope_theta_is_reported(reference, tmp_path, caplog):
+    from vgpt_jax import train
+    _copy_run(reference, tmp_path / "work")
+    cfg = make_config(**{"train.steps": STEPS, "model.rope_theta": 20000.0})
+    with pytest.raises(ValueError, match=r"model\.rope_theta: 10000\.0 -> 20000\.0.*"
+                                         r"--allow-config-change"):
+        train.train(cfg, str(tmp_path / "work"), tiny_source())
+    # Allowed: the run resumes (nothing left to train) and the warning lists the change.
+    with caplog.at_level("WARNING"):
+        result = train.train(cfg, str(tmp_path / "work"), tiny_source(),
+                             allow_config_change=True)
+    assert result.step == STEPS
+    assert "model.rope_theta: 10000.0 -> 20000.0" in caplog.text

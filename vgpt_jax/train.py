@@ -154,18 +154,27 @@ def make_train_step(graphdef, obj_cfg: diffusion.ObjectiveConfig, tx, schedule, 
 # --------------------------------------------------------------------------- logging
 
 class MetricsWriter:
-    """JSONL + TensorBoard on process 0; a no-op elsewhere."""
+    """JSONL + TensorBoard on process 0; a no-op elsewhere.
 
-    def __init__(self, workdir: str, tensorboard: bool):
+    A run resumed at `start_step` first drops the JSONL lines past it (steps the restart will
+    log again, and a line cut off by a kill), so every step appears once. TensorBoard appends a
+    new event file per process start (tensorboardX cannot reopen one); `purge_step` makes
+    TensorBoard hide the old events past the resumed step, so its curves do not repeat either.
+    """
+
+    def __init__(self, workdir: str, tensorboard: bool, start_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.jsonl = self.tb = None
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        _truncate_metrics(path, start_step)
+        self.jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                    purge_step=start_step + 1 if start_step else None)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -181,6 +190,24 @@ class MetricsWriter:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Keep the JSONL lines of steps <= `last_step` (atomically; no file, nothing to do)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line.rstrip("\n") + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut off by a kill
+                continue
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def measure_peak_flops(device=None, n: int = 1024, repeats: int = 5) -> float:
@@ -337,14 +364,40 @@ def build(config, data_source=None, devices=None) -> Setup:
                  dataset, step_fn)
 
 
-def initial_state(run: Setup, ckpt: ckpt_lib.TrainCheckpointer, data_iter) -> tuple[TrainState, int]:
-    """Resume the latest checkpoint (state and data position) if there is one; else a fresh
-    state, with the params of `checkpoint.init_from` (the previous curriculum stage) if set."""
-    start, abstract = ckpt.latest_step(), run.abstract
-    if start is not None:
-        params, aux = ckpt.restore(start, abstract.params, abstract.aux(), data_iter)
-        log.info("resumed %s at step %d", ckpt.directory, start)
-        return TrainState(params, aux["opt_state"], aux["step"], aux["rng"]), start
+def initial_state(run: Setup, ckpt: ckpt_lib.TrainCheckpointer, data_iter, *,
+                  allow_config_change: bool = False) -> tuple[TrainState, int]:
+    """Resume the newest checkpoint that verifies (state and data position) if there is one;
+    else a fresh state, with the params of `checkpoint.init_from` (the previous curriculum
+    stage) if set.
+
+    A corrupt checkpoint is skipped with a warning and, once an older one has restored, moved
+    to `corrupt_checkpoints/` (so its step can be saved again); when none verifies, nothing is
+    moved and the error lists them all. A changed config is checked by
+    `checkpoint.check_resume_config` and is never a reason to fall back.
+    """
+    abstract, skipped = run.abstract, []
+    for step in ckpt.all_steps():
+        where = ckpt.step_dir(step)
+        try:
+            ckpt_lib.check_resume_config(ckpt.restore_config(step), run.config, where,
+                                         allow_config_change)
+            params, aux = ckpt.restore(step, abstract.params, abstract.aux(), data_iter)
+        except ckpt_lib.CorruptCheckpointError as e:
+            log.warning("skipping checkpoint step %d: %s", step, e)
+            skipped.append((step, str(e)))
+            continue
+        for bad, _ in skipped:
+            log.warning("moved corrupt checkpoint step %d to %s", bad, ckpt.quarantine(bad))
+        log.info("resumed %s at step %d", ckpt.directory, step)
+        if skipped:
+            log.warning("resumed from step %d, the newest checkpoint that verifies (skipped "
+                        "step %s)", step, ", ".join(str(b) for b, _ in skipped))
+        return TrainState(params, aux["opt_state"], aux["step"], aux["rng"]), step
+    if skipped:
+        reasons = "; ".join(reason for _, reason in skipped)
+        raise ckpt_lib.CorruptCheckpointError(
+            ckpt.directory, f"no checkpoint verifies: {reasons}. Delete the workdir's "
+            "checkpoints/ to start over")
     init_from, params = run.config.checkpoint.init_from, None
     if init_from:
         params = ckpt_lib.load_params(init_from, run.model_cfg, shardings_of(abstract.params))
@@ -352,24 +405,27 @@ def initial_state(run: Setup, ckpt: ckpt_lib.TrainCheckpointer, data_iter) -> tu
     return run.init(params), 0
 
 
-def train(config, workdir: str, data_source=None, *, on_step=None, devices=None) -> TrainResult:
+def train(config, workdir: str, data_source=None, *, on_step=None, devices=None,
+          allow_config_change: bool = False) -> TrainResult:
     """Run or resume the training run of `config` in `workdir` (see the module docstring).
 
     `data_source`: a random-access source (`len`, `[i] -> dict(latents, ...)`) used instead of
     `config.data.store`. `on_step(step, metrics)` is called after each step is dispatched
     (metrics are unfetched device arrays), e.g. for progress reporting. `devices`: the devices
-    of the mesh (default: all).
+    of the mesh (default: all). `allow_config_change`: resume a checkpoint whose config differs
+    in what the run learns (`checkpoint.check_resume_config`).
     """
     run = build(config, data_source, devices)
     model_cfg, mesh = run.model_cfg, run.mesh
     data_iter = iter(run.dataset)
     ckpt = ckpt_lib.TrainCheckpointer(workdir, config.checkpoint)
     try:
-        state, start = initial_state(run, ckpt, data_iter)
+        state, start = initial_state(run, ckpt, data_iter,
+                                     allow_config_change=allow_config_change)
     except BaseException:
         ckpt.close()
         raise
-    writer = MetricsWriter(workdir, bool(config.train.tensorboard))
+    writer = MetricsWriter(workdir, bool(config.train.tensorboard), start)
     if writer.enabled:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=list)
@@ -379,6 +435,7 @@ def train(config, workdir: str, data_source=None, *, on_step=None, devices=None)
     bar = _progress_bar(config, start, total)
     interval, log_every = int(config.checkpoint.save_interval_steps), int(config.train.log_every)
     last, preempted, step = {}, False, start
+    last_finite = start  # the newest step whose whole state was checked finite (saves check it)
     t_last, step_last, seq_len = time.perf_counter(), start, None
     try:
         while step < total:
@@ -394,12 +451,10 @@ def train(config, workdir: str, data_source=None, *, on_step=None, devices=None)
             save = preempted or step % interval == 0 or step == total
             if save or step % log_every == 0:
                 scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not np.isfinite(scalars["loss"]):
-                    ckpt.wait()
-                    raise FloatingPointError(
-                        f"non-finite loss {scalars['loss']} at step {step} (grad_norm "
-                        f"{scalars['grad_norm']}); stopping without saving it. The last good "
-                        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+                for key, other in (("loss", "grad_norm"), ("grad_norm", "loss")):
+                    if not np.isfinite(scalars[key]):
+                        _stop_non_finite(f"non-finite {key} {scalars[key]} at step {step} "
+                                         f"({other} {scalars[other]})", last_finite, ckpt)
                 now = time.perf_counter()
                 dt = (now - t_last) / max(step - step_last, 1)
                 t_last, step_last = now, step
@@ -413,7 +468,12 @@ def train(config, workdir: str, data_source=None, *, on_step=None, devices=None)
             if bar is not None:
                 bar.update(1)
             if save:
-                ckpt.save(step, state.params, state.aux(), data_iter, config)
+                try:
+                    ckpt.save(step, state.params, state.aux(), data_iter, config)
+                except ckpt_lib.NonFiniteStateError as e:
+                    _stop_non_finite(f"non-finite train state at step {step}: {e}", last_finite,
+                                     ckpt)
+                last_finite = step
             if preempted:
                 log.warning("preemption requested: saved step %d, exiting", step)
                 break
@@ -424,6 +484,15 @@ def train(config, workdir: str, data_source=None, *, on_step=None, devices=None)
         writer.close()
         ckpt.close()
     return TrainResult(state, step, last, preempted, os.path.abspath(workdir))
+
+
+def _stop_non_finite(what: str, last_finite: int, ckpt: ckpt_lib.TrainCheckpointer):
+    """Raise FloatingPointError for a non-finite step; it never reaches a checkpoint."""
+    ckpt.wait()
+    raise FloatingPointError(
+        f"{what}; stopping without saving it. The newest state checked finite is step "
+        f"{last_finite}; the last good checkpoint is step {ckpt.latest_step()} in "
+        f"{ckpt.directory}")
 
 
 def _progress_bar(config, start: int, total: int):

@@ -128,8 +128,10 @@ def sharded(out_path: str) -> None:
 
 def run(args) -> None:
     from vgpt_jax import train
+    overrides = dict(kv.split("=", 1) for kv in args.set)
     cfg = make_config(json.loads(args.mesh), **{"train.steps": args.steps,
-                                                 "mesh.num_slices": args.slices})
+                                                 "mesh.num_slices": args.slices},
+                      **{k: json.loads(v) for k, v in overrides.items()})
     if args.port:  # train() joins the process group from the config
         cfg.distributed.update(initialize="always", coordinator_address=f"127.0.0.1:{args.port}",
                                num_processes=2, process_id=args.process_id,
@@ -167,6 +169,8 @@ def main() -> None:
     r.add_argument("--term-at", type=int, default=-1)
     r.add_argument("--slices", type=int, default=1, help="mesh.num_slices (hybrid mesh)")
     r.add_argument("--nan", action="store_true")
+    r.add_argument("--set", action="append", default=[],
+                   help="config override KEY=JSON (JSON's Infinity and NaN allowed)")
     r.add_argument("--port", type=int, default=0)
     r.add_argument("--process-id", type=int, default=0)
     args = p.parse_args()
