@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import Phi3Config, Phi3Model  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
-from vgpt_jax import checkpoint, convert_official, layout  # noqa: E402
+from vgpt_jax import checkpoint, convert_official, layout, sampling  # noqa: E402
 from vgpt_jax.config import ModelConfig  # noqa: E402
 
 D, HEADS, KV_HEADS, LAYERS, MLP, VOCAB = 64, 4, 2, 2, 96, 40
@@ -454,3 +455,214 @@ def test_rope_factor_rules():
     phi3["rope_scaling"]["type"] = "dynamic"
     with pytest.raises(convert_official.ConversionError, match="rope_scaling type 'dynamic'"):
         convert_official.model_config_from_phi3(phi3, shapes)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _split(sd):
+    keys = sorted(sd)
+    return [{k: sd[k] for k in keys[:len(keys) // 2]}, {k: sd[k] for k in keys[len(keys) // 2:]}]
+
+
+def _save_shards(sd, folder, fmt):
+    """Hugging Face sharding: two shard files and an index naming each key's shard."""
+    names, weight_map = [], {}
+    for i, part in enumerate(_split(sd)):
+        name = fmt.format(i + 1)
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors"):
+            save_file(part, path)
+        else:
+            torch.save(part, path)
+        weight_map.update({k: name for k in part})
+        names.append(name)
+    index = "model.safetensors.index.json" if fmt.endswith("safetensors") else \
+        "pytorch_model.bin.index.json"
+    with open(os.path.join(folder, index), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def _bin_shard_folder(sd, folder):
+    """The official script's layout: a folder named pytorch_model.bin holding .bin shards."""
+    os.makedirs(os.path.join(folder, "pytorch_model.bin"))
+    for i, part in enumerate(_split(sd)):
+        torch.save(part, os.path.join(folder, "pytorch_model.bin", f"shard_{i}.bin"))
+
+
+# name: (weights folder inside the checkpoint, writer, official prediction type)
+LAYOUTS = {
+    "transformer_safetensors": ("transformer", lambda sd, d: save_file(
+        sd, os.path.join(d, "model.safetensors")), "x1"),
+    "transformer_model_pt": ("transformer", lambda sd, d: torch.save(
+        sd, os.path.join(d, "model.pt")), "v"),
+    "transformer_pytorch_model_bin": ("transformer", lambda sd, d: torch.save(
+        sd, os.path.join(d, "pytorch_model.bin")), "x1"),
+    "transformer_bin_shards": ("transformer", _bin_shard_folder, "x1"),
+    "safetensors_index": ("", lambda sd, d: _save_shards(sd, d, "model-{:05d}-of-00002.safetensors"),
+                          "x1"),
+    "bin_index": ("", lambda sd, d: _save_shards(sd, d, "pytorch_model-{:05d}-of-00002.bin"), "x1"),
+}
+TOKENIZER_AND_CONFIG = ("config.json", "tokenizer.json", "added_tokens.json")
+VAE_PX = 2  # the tiny VAE's downsampling: latent 4x6 <-> pixels 8x12
+
+
+def make_layout(base, folder, name, vae=False):
+    """An official checkpoint folder with the base folder's weights in layout `name`."""
+    sub, write, _ = LAYOUTS[name]
+    os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    for f in TOKENIZER_AND_CONFIG:
+        shutil.copy(os.path.join(base, f), folder)
+    sd = {k: v.contiguous() for k, v in load_file(os.path.join(base, "model.safetensors")).items()}
+    write(sd, os.path.join(folder, sub))
+    if vae:
+        from vgpt_jax.vae.autoencoder_kl import AutoencoderKLConfig, init_autoencoder_kl
+        cfg = AutoencoderKLConfig(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+                                  latent_channels=C, scaling_factor=0.5)
+        init_autoencoder_kl(cfg, seed=3).save_pretrained(os.path.join(folder, "vae"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def base_export(source, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("base_export"))
+    convert_official.convert(source, out, dtype="float32")
+    return checkpoint.load_model(out)
+
+
+def _params(model):
+    return jax.tree.leaves(nnx.state(model, nnx.Param).to_pure_dict())
+
+
+def _sample(model, prediction_type):
+    ctx = np.random.default_rng(0).standard_normal((1, 2, H, W, C)).astype(np.float32)
+    cfg = sampling.SamplerConfig(steps=2, window=4, prediction_type=prediction_type)
+    return sampling.sample_video(model, [2], cfg, [0], context_BFhwc=ctx)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_every_official_layout_converts(name, source, base_export, tmp_path):
+    folder = make_layout(source, tmp_path / "ckpt", name)
+    config = convert_official.convert(folder, str(tmp_path / "out"), dtype="float32")
+    assert config.objective.prediction_type == LAYOUTS[name][2]
+    assert config.latent_space.path == "stabilityai/sdxl-vae"
+    model, _ = checkpoint.load_model(str(tmp_path / "out"))
+    for ours, base in zip(_params(model), _params(base_export[0])):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(base))
+    out = _sample(model, config.objective.prediction_type)
+    assert out.shape == (1, 2, H, W, C) and np.isfinite(out).all()
+
+
+def test_pointing_at_the_weights_subfolder_or_naming_the_weights(source, tmp_path):
+    """`--source ckpt/transformer` (the official --model_ckpt) finds config.json one level up;
+    `--weights` takes weights from anywhere (the prediction type rule is by name: model.pt)."""
+    folder = make_layout(source, tmp_path / "ckpt", "transformer_model_pt")
+    config = convert_official.convert(os.path.join(folder, "transformer"), str(tmp_path / "a"))
+    assert config.pretrained.weights == ["transformer/model.pt"]
+    assert config.objective.prediction_type == "v"
+    elsewhere = tmp_path / "runs" / "step_1000.pt"
+    os.makedirs(elsewhere.parent)
+    shutil.move(os.path.join(folder, "transformer", "model.pt"), elsewhere)
+    with pytest.raises(convert_official.ConversionError, match="has no weights"):
+        convert_official.convert(folder, str(tmp_path / "b"))
+    config = convert_official.convert(folder, str(tmp_path / "b"), weights=str(elsewhere))
+    assert config.objective.prediction_type == "x1"
+    config = convert_official.convert(folder, str(tmp_path / "c"), weights=str(elsewhere),
+                                      prediction_type="v")
+    assert config.objective.prediction_type == "v" and config.pretrained.prediction_type_rule == "given"
+
+
+def test_weights_in_two_places_is_an_error(source, tmp_path):
+    folder = make_layout(source, tmp_path / "ckpt", "transformer_safetensors")
+    shutil.copy(os.path.join(source, "model.safetensors"), folder)
+    with pytest.raises(convert_official.ConversionError, match="both beside config.json and in"):
+        convert_official.convert(folder, str(tmp_path / "out"))
+
+
+class _Payload:
+    """A pickle that would run code: it creates a folder when unpickled."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_malicious_pickle_is_refused(source, tmp_path, capsys):
+    folder = make_layout(source, tmp_path / "ckpt", "transformer_model_pt")
+    marker = str(tmp_path / "pwned")
+    sd = torch.load(os.path.join(folder, "transformer", "model.pt"), weights_only=True)
+    sd["llm.norm.weight"] = _Payload(marker)
+    torch.save(sd, os.path.join(folder, "transformer", "model.pt"))
+    with pytest.raises(convert_official.ConversionError,
+                       match=r"refused to load .*model\.pt.*weights_only=True"):
+        convert_official.convert(folder, str(tmp_path / "out"))
+    from vgpt_jax.commands.convert_official import main
+    assert main(["--source", folder, "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refused to load" in err and "makedirs" in err
+    assert not os.path.exists(marker) and not os.path.exists(tmp_path / "out")
+
+
+def test_cli_errors_are_one_line_and_summary_names_plain_rope(source, tmp_path, capsys):
+    from vgpt_jax.commands.convert_official import main
+    assert main(["--source", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "neither a checkpoint folder" in err
+    assert main(["--source", source, "--output", str(tmp_path / "o"), "--dtype", "float32"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "rope: none" in line and "prediction: x1" in line and "vae: stabilityai/sdxl-vae" in line
+
+
+# ----------------------------------------------------------------------------- Pipeline.from_pretrained
+
+
+@pytest.fixture
+def no_network_no_vae(monkeypatch):
+    """Every socket connection fails, and building any VAE is an error."""
+    import socket
+
+    from vgpt_jax.vae import autoencoder_kl
+
+    def refuse(*a, **k):
+        raise AssertionError("network access")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(autoencoder_kl, "load_autoencoder_kl",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("VAE built")))
+
+
+def test_from_pretrained_model_pt_samples_v_unless_told_otherwise(source, tmp_path,
+                                                                  no_network_no_vae):
+    from vgpt_jax.pipeline import Pipeline
+    folder = make_layout(source, tmp_path / "ckpt", "transformer_model_pt")
+    cache = str(tmp_path / "cache")
+    pipe = Pipeline.from_pretrained(folder, cache_dir=cache, dtype="float32", latent_space=None)
+    assert pipe.latent_space is None and pipe.prediction_type == "v"
+    ctx = np.random.default_rng(0).standard_normal((1, 2, H, W, C)).astype(np.float32)
+    out = pipe.predict(ctx, clip_sizes=[2], steps=2, window=4, seed=0).latents
+    np.testing.assert_allclose(out, _sample(pipe.model, "v"), rtol=1e-6, atol=1e-6)
+    as_x1 = Pipeline.from_pretrained(folder, cache_dir=cache, dtype="float32", latent_space=None,
+                                     prediction_type="x1")
+    assert len(os.listdir(os.path.join(cache, "converted"))) == 1  # an override, not a new export
+    out_x1 = as_x1.predict(ctx, clip_sizes=[2], steps=2, window=4, seed=0).latents
+    np.testing.assert_allclose(out_x1, _sample(pipe.model, "x1"), rtol=1e-6, atol=1e-6)
+    assert np.abs(out_x1 - out).max() > 1e-3
+
+
+def test_from_pretrained_uses_the_bundled_vae(source, tmp_path):
+    from vgpt_jax.pipeline import Pipeline
+    from vgpt_jax.vae.autoencoder_kl import AutoencoderKLSpace
+    folder = make_layout(source, tmp_path / "ckpt", "transformer_safetensors", vae=True)
+    pipe = Pipeline.from_pretrained(folder, cache_dir=str(tmp_path / "cache"), dtype="float32")
+    assert pipe.config.latent_space.path == "vae" and pipe.config.pretrained.vae == "vae"
+    assert isinstance(pipe.latent_space, AutoencoderKLSpace) and pipe.prediction_type == "x1"
+    assert pipe.latent_space.downsample == VAE_PX
+    pixels = np.random.default_rng(1).integers(0, 256, (2, H * VAE_PX, W * VAE_PX, 3), np.uint8)
+    out = pipe.predict(pixels, clip_sizes=[1], steps=1, window=4)
+    assert out.frames.shape == (1, H * VAE_PX, W * VAE_PX, 3) and out.latents.shape == (1, H, W, C)
+    # A converted export holds its own copy of the VAE: the source may go.
+    export = convert_official.pretrained_export(folder, str(tmp_path / "cache"), "float32")
+    shutil.rmtree(folder)
+    again = Pipeline.from_checkpoint(export)
+    np.testing.assert_array_equal(again.latent_space.decode(out.latents), out.frames)

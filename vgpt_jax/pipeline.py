@@ -3,6 +3,8 @@
     pipe = Pipeline.from_checkpoint("exports/run1")
     out = pipe.predict(context_frames_uint8, num_frames=48)   # out.frames: uint8 [48, H, W, 3]
     out = pipe.generate(num_frames=24, latent_size=(8, 8))    # from nothing
+    pipe = Pipeline.from_pretrained("GrayShine/Video-GPT")     # the released weights, converted
+    pipe = Pipeline.from_pretrained("ckpt/", latent_space=None)  # latents only: no VAE, offline
 
 Context is pixels (uint8 [F, H, W, 3], encoded with the latent space) or latents (float
 [F, h, w, C]); a leading batch axis samples several videos at once and is kept in the output.
@@ -11,6 +13,7 @@ The numerics live in `vgpt_jax.sampling`; this module checks inputs, encodes and
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -20,6 +23,7 @@ from vgpt_jax.model import VideoGPT
 from vgpt_jax.vae.latent_space import LatentSpace
 
 DEFAULT_CLIP_FRAMES = 24  # the release's clip size (`--gen_nums 24 24`)
+AUTO = "auto"  # `latent_space=`: the one the checkpoint's config names
 
 
 @dataclasses.dataclass
@@ -52,36 +56,90 @@ def _seeds(seed, batch: int) -> list[int]:
     return seeds
 
 
+def configured_latent_space(directory: str, config) -> LatentSpace | None:
+    """The latent space of a checkpoint config's `latent_space` section (None without one).
+
+    A relative `path` that names a folder inside `directory` (a converted checkpoint's copy of
+    its bundled VAE) is read from there. A VAE that cannot be loaded (no network for a hub id)
+    is one error that says how to go on without it.
+    """
+    section = config.get("latent_space")
+    if not section:
+        return None
+    from vgpt_jax.vae.latent_space import make_latent_space
+    section = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    path = section.get("path")
+    if path and not os.path.isabs(path) and os.path.isdir(os.path.join(directory, path)):
+        section["path"] = os.path.join(directory, path)
+    try:
+        return make_latent_space(section)
+    except Exception as e:  # hub and network errors come in many types; one line says it all
+        if path and os.path.isdir(section["path"]):
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise OSError(f"could not load the VAE {path!r} named by {directory!r} "
+                      f"({type(e).__name__}: {first}): pass latent_space=None to work on latents "
+                      "only, or vae= a local diffusers AutoencoderKL folder") from e
+
+
+def prediction_type_of(config) -> str:
+    """What the checkpoint's network predicts (`objective.prediction_type`, default x1)."""
+    return (config or {}).get("objective", {}).get("prediction_type", "x1")
+
+
 class Pipeline:
-    def __init__(self, model: VideoGPT, latent_space: LatentSpace | None = None, config=None):
+    def __init__(self, model: VideoGPT, latent_space: LatentSpace | None = None, config=None,
+                 prediction_type: str | None = None):
         self.model = model
         self.latent_space = latent_space
         self.config = config
+        # "x1" or "v": how the sampler reads the network's output (the config's by default).
+        self.prediction_type = prediction_type or prediction_type_of(config)
+        if self.prediction_type not in sampling.PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={self.prediction_type!r}: must be one of "
+                             f"{sampling.PREDICTION_TYPES}")
 
     @classmethod
-    def from_checkpoint(cls, directory: str, *, latent_space: LatentSpace | None = None,
+    def from_checkpoint(cls, directory: str, *, latent_space: LatentSpace | str | None = AUTO,
                         shardings=None) -> "Pipeline":
-        """Load a model export; the latent space comes from the argument, else from the config's
-        optional `latent_space` section (`vgpt_jax.vae.latent_space.make_latent_space`)."""
+        """Load a model export; the latent space is the argument, or with "auto" the config's
+        optional `latent_space` section (`configured_latent_space`), or None: latents only."""
         model, config = checkpoint.load_model(directory, shardings)
-        if latent_space is None and config.get("latent_space"):
-            from vgpt_jax.vae.latent_space import make_latent_space
-            section = config.latent_space
-            latent_space = make_latent_space(section.to_dict() if hasattr(section, "to_dict")
-                                             else section)
+        if isinstance(latent_space, str) and latent_space == AUTO:
+            latent_space = configured_latent_space(directory, config)
         return cls(model, latent_space, config)
 
     @classmethod
     def from_pretrained(cls, name_or_directory: str, *, cache_dir: str | None = None,
-                        dtype: str = "bfloat16", **kwargs) -> "Pipeline":
+                        dtype: str = "bfloat16", rope_factor_rule: str = "official",
+                        weights: str | None = None, prediction_type: str | None = None,
+                        vae: str | None = None, latent_space: LatentSpace | str | None = AUTO,
+                        shardings=None) -> "Pipeline":
         """A vgpt_jax export (as `from_checkpoint`), or the released weights: an official
-        checkpoint folder or hub repo id (`GrayShine/Video-GPT`), converted once and cached
-        (`vgpt_jax.convert_official.pretrained_export`)."""
+        checkpoint folder (or its `transformer/` subfolder) or hub repo id
+        (`GrayShine/Video-GPT`), converted once and cached
+        (`vgpt_jax.convert_official.pretrained_export`). Defaults are the official ones.
+
+        dtype: "bfloat16" or "float32" parameters and compute. rope_factor_rule: LongRoPE
+        factors, "official" (long at every length) or "by_length" (stock transformers).
+        weights: the weights file or folder when not found as the official script finds them.
+        prediction_type: "x1" or "v" instead of the export's (the official rule: v for
+        `model.pt`); no conversion again. vae: a diffusers VAE folder or hub id instead of the
+        export's (the bundled `vae/`, else stabilityai/sdxl-vae). latent_space: a LatentSpace,
+        "auto" (the export's or `vae`'s), or None: latents only, no VAE built, no network.
+        """
         from vgpt_jax import convert_official
         if not convert_official.is_export(name_or_directory):
-            name_or_directory = convert_official.pretrained_export(name_or_directory, cache_dir,
-                                                                   dtype)
-        return cls.from_checkpoint(name_or_directory, **kwargs)
+            name_or_directory = convert_official.pretrained_export(
+                name_or_directory, cache_dir, dtype, rope_factor_rule, weights=weights)
+        if vae is not None and isinstance(latent_space, str) and latent_space == AUTO:
+            from vgpt_jax.vae.latent_space import make_latent_space
+            latent_space = make_latent_space({"kind": "autoencoder_kl", "path": vae})
+        pipe = cls.from_checkpoint(name_or_directory, latent_space=latent_space,
+                                   shardings=shardings)
+        if prediction_type is not None:
+            pipe = cls(pipe.model, pipe.latent_space, pipe.config, prediction_type)
+        return pipe
 
     # ------------------------------------------------------------------ entry points
 
@@ -90,20 +148,22 @@ class Pipeline:
                 guidance: float = 1.5, window: int = 80, seed: int | Sequence[int] = 0,
                 time_shift: float = 1.0, cache_mode: str = "window", anchor_frames: int = 0,
                 context_noise: float = 0.0, same_noise_every_clip: bool = False,
-                reencode: bool = False,
+                renoise_context: bool = False, reencode: bool = False,
                 callback: Callable[[int, int, np.ndarray], None] | None = None) -> SampleOutput:
         """Continue `context` by `num_frames` (clips of 24) or by clips of `clip_sizes` frames.
 
         context: uint8 pixels [(B,) F, H, W, 3] or float latents [(B,) F, h, w, C].
         steps, guidance, window, time_shift, cache_mode, anchor_frames, context_noise,
-        same_noise_every_clip: see `sampling.SamplerConfig`. seed: an int (video b uses
+        same_noise_every_clip, renoise_context: see `sampling.SamplerConfig` (the prediction
+        type is `self.prediction_type`). seed: an int (video b uses
         seed + b) or one per video. reencode: pass each finished clip through decode -> uint8
         -> encode before it joins the history, as the release does. callback(k, num_clips,
         latents [B, n, h, w, C]) runs after each clip.
         """
         sizes = _clip_sizes(num_frames, clip_sizes)
         cfg = self._sampler_config(steps, guidance, window, time_shift, cache_mode,
-                                   anchor_frames, context_noise, same_noise_every_clip)
+                                   anchor_frames, context_noise, same_noise_every_clip,
+                                   renoise_context)
         context = np.asarray(context)
         batched = context.ndim == 5
         if context.ndim not in (4, 5):
@@ -123,7 +183,7 @@ class Pipeline:
                  guidance: float = 1.5, window: int = 80, seed: int | Sequence[int] = 0,
                  time_shift: float = 1.0, cache_mode: str = "window", anchor_frames: int = 0,
                  context_noise: float = 0.0, same_noise_every_clip: bool = False,
-                 reencode: bool = False,
+                 renoise_context: bool = False, reencode: bool = False,
                  callback: Callable[[int, int, np.ndarray], None] | None = None) -> SampleOutput:
         """Video from nothing: the first clip unconditionally, then as `predict`.
 
@@ -132,7 +192,8 @@ class Pipeline:
         """
         sizes = _clip_sizes(num_frames, clip_sizes)
         cfg = self._sampler_config(steps, guidance, window, time_shift, cache_mode,
-                                   anchor_frames, context_noise, same_noise_every_clip)
+                                   anchor_frames, context_noise, same_noise_every_clip,
+                                   renoise_context)
         if (frame_size is None) == (latent_size is None):
             raise ValueError("generate: give exactly one of frame_size (pixels) and latent_size")
         if frame_size is not None:
@@ -147,14 +208,16 @@ class Pipeline:
 
     # ------------------------------------------------------------------ helpers
 
-    @staticmethod
-    def _sampler_config(steps, guidance, window, time_shift, cache_mode, anchor_frames,
-                        context_noise, same_noise_every_clip) -> sampling.SamplerConfig:
+    def _sampler_config(self, steps, guidance, window, time_shift, cache_mode, anchor_frames,
+                        context_noise, same_noise_every_clip,
+                        renoise_context) -> sampling.SamplerConfig:
         cfg = sampling.SamplerConfig(steps=steps, guidance=float(guidance), window=window,
                                      time_shift=float(time_shift), cache_mode=cache_mode,
                                      anchor_frames=anchor_frames,
                                      context_noise=float(context_noise),
-                                     same_noise_every_clip=bool(same_noise_every_clip))
+                                     same_noise_every_clip=bool(same_noise_every_clip),
+                                     prediction_type=self.prediction_type,
+                                     renoise_context=bool(renoise_context))
         cfg.validate()
         return cfg
 

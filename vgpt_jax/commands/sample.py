@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--context-frames={args.context_frames}: must be >= 1")
     if args.frame_stride < 1:
         raise ValueError(f"--frame-stride={args.frame_stride}: must be >= 1")
-    latent_space = None
+    latent_space = "auto"  # the checkpoint config's
     if args.latent_space is not None:
         from vgpt_jax.data.ingest import make_latent_space
         latent_space = make_latent_space(args.latent_space)
