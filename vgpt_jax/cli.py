@@ -10,11 +10,14 @@
     vgpt convert-official convert the released PyTorch weights
     vgpt plan             compile the train step / sampler for a TPU topology, print memory
 
-`vgpt <command> --help` lists a command's options.
+`vgpt <command> --help` lists a command's options. An error prints one line; `--debug`
+(anywhere on the command line) or VGPT_DEBUG=1 prints its traceback instead.
 """
 from __future__ import annotations
 
+import glob
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -30,8 +33,40 @@ COMMANDS = {
 }
 
 
+# PCI vendor ids of the accelerators JAX has backends for: Google (TPU), NVIDIA, AMD.
+_ACCELERATOR_VENDORS = ("0x1ae0", "0x10de", "0x1002")
+
+
+def _has_accelerator() -> bool:
+    for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(path) as f:
+                if f.read().strip() in _ACCELERATOR_VENDORS:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _quiet_accelerator_probe() -> None:
+    """On a Linux host with no accelerator, run JAX on the CPU outright. Otherwise an installed
+    libtpu (the `tpu` extra, for `vgpt plan`) probes for a TPU on every command and prints TPU
+    hostname and accelerator-type warnings. `vgpt plan` compiles for TPUs without one either
+    way; an explicit JAX_PLATFORMS is always kept."""
+    if "JAX_PLATFORMS" in os.environ or not os.path.isdir("/sys/bus/pci/devices"):
+        return
+    if not _has_accelerator():
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("VGPT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         return 0 if argv else 2
@@ -40,8 +75,21 @@ def main(argv=None) -> int:
         print(f"vgpt: unknown command {command!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     sys.argv[0] = f"vgpt {command}"  # what argparse and absl print as the program name
-    # Imported on demand: `vgpt prepare` should not pay for what `vgpt train` imports.
-    return importlib.import_module(COMMANDS[command]).main(rest) or 0
+    _quiet_accelerator_probe()
+    try:
+        # Imported on demand: `vgpt prepare` should not pay for what `vgpt train` imports.
+        return importlib.import_module(COMMANDS[command]).main(rest) or 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"vgpt {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # every failure is reported the same way; --debug keeps the trace
+        if debug:
+            raise
+        print(f"vgpt {command}: error: {_one_line(e)} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

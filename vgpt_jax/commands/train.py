@@ -2,9 +2,11 @@
 
     vgpt train --config configs/stage1.py --workdir /ckpt/stage1 [--config.train.steps=1000 ...]
 
-Re-running with the same workdir resumes from its latest checkpoint. A SIGTERM (preemption)
-saves a checkpoint and exits with status 0; a non-finite loss exits with an error and keeps the
-last good checkpoint.
+Re-running with the same workdir resumes from its newest checkpoint that verifies (a corrupt
+one is skipped with a warning). A SIGTERM (preemption) saves a checkpoint and exits with status
+0; a non-finite step exits with an error and is never saved. Resuming with a config that differs
+in what the run learns (model, objective, optimiser, data) is refused unless
+--allow-config-change is given; a change of parameter shapes is always refused.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)")
+_ALLOW_CHANGE = flags.DEFINE_bool("allow-config-change", False,
+                                  "resume a checkpoint trained with a different config")
 
 
 def _run(argv) -> None:
@@ -25,7 +29,7 @@ def _run(argv) -> None:
         raise app.UsageError("--config and --workdir are required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from vgpt_jax import train
-    result = train.train(_CONFIG.value, _WORKDIR.value)
+    result = train.train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
     logging.info("finished at step %d%s: %s", result.step,
                  " (preempted, checkpoint saved)" if result.preempted else "", result.metrics)
 
