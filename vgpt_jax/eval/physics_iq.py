@@ -1,69 +1,126 @@
-"""Physics-IQ style scoring (google-deepmind/physics-IQ-benchmark, `physiq/`), in numpy/scipy.
+"""Physics-IQ scoring that reproduces the official scorer (google-deepmind/physics-IQ-benchmark).
 
-Pipeline per (scenario, view) sample, following the official scorer:
+The official `physiq/` code is built on OpenCV, so this module calls OpenCV for the same steps,
+in the same order, and numpy for the same reductions. Per (scenario, view) sample, with
+n = fps * 5 frames:
 
-1. Motion masks, per video at its own resolution (`binary_mask_generator.py`): RGB -> gray
-   (OpenCV fixed-point weights) -> 5x5 Gaussian blur ([1,4,6,4,1]/16, reflect-101 border) ->
-   running-average background (float, alpha 0.3, seeded with frame 0) -> |gray - round(bg)| > 10
-   -> 5x5 morphological open, then close. Frame 0 is always empty.
-2. Everything is resized (OpenCV-style bilinear) to take-1's size // 4; masks are resized as
-   0/255 images and re-binarised with > 127; frames are scaled to [0, 1].
-3. Metrics of the prediction against take 1: spatiotemporal IoU per frame (empty union = 1),
-   spatial IoU of the "ever moved" masks, weighted spatial IoU (sum of min / sum of max of the
-   per-pixel motion frequency; 1 when both are empty) and MSE per frame. The same metrics of
-   take 2 against take 1 are the physical variance (the best a model can be expected to do).
+1. Motion masks, per video at its own size: decode (BGR) -> COLOR_BGR2GRAY -> GaussianBlur 5x5
+   -> accumulateWeighted (alpha 0.3, seeded with frame 0) -> absdiff with convertScaleAbs(bg)
+   -> threshold > 10 -> MORPH_OPEN then MORPH_CLOSE (5x5 ones); frame 0 is empty. The masks are
+   stored as grey mp4v video (even size, round(fps)) and read back: that lossy round trip is
+   part of the official numbers. A release ships the real takes' mask videos
+   (`video-masks/real`); the generated videos' masks are made here, the same way.
+2. The first n frames of take 1, take 2 and the generated video, and of their mask videos, are
+   resized with `cv2.resize` (bilinear) to take-1's size // 4. Masks are then channel 0 > 127;
+   frames are scaled by 1/255.
+3. Metrics against take 1: spatiotemporal IoU per frame (empty union = 1), spatial IoU of the
+   "ever moved" maps, weighted spatial IoU (sum of min / sum of max of the per-pixel motion
+   frequency where the max is > 0; 1 when there is no such pixel) and MSE per frame (float32).
+   The same metrics of take 2 against take 1 are the physical variance: the ceiling, a
+   prediction as close to take 1 as a second real take scores 100.
 4. Per-frame values are rounded to 4 decimals (the official scorer reads them back from a CSV).
 
-Scores, in percent:
-- `original` (`calculate_iq_score.py`, the number the README tables cite): ST and MSE are means
-  over scenarios of the mean over all frames of the scenario's views; S and WS are means over
-  samples; variances are means over samples rounded to 4 decimals (spatial: 5);
-  100 * ((ST/vST + S/vS + WS/vWS)/3 - (MSE - vMSE)), clipped to [0, 100], rounded to 2 decimals.
-- `verified` (`calculate_iq_score_stable.py::final_score_view`): per sample, each IoU divided by
-  (its variance + 1e-8), the MSE term is (variance + 1e-8) / MSE, each clipped to [0, 1], the four
-  averaged; then the mean over samples.
-
-Differences from the official code, all small: our masks are exact where the official stores
-them as lossy mp4v and re-reads them; RGB->gray and resizing round like OpenCV but are not
-guaranteed bit-exact at ties. There are no learned networks, so results are deterministic.
+Scores are fractions in [0, 1] internally; `printed` turns one into the number the official
+`run_physics_iq.py` prints (`round(x, 4) * 100`, two decimals):
+- Original (`IQTable.final_score_orig`): per scenario, ST and MSE are means over all frames of
+  its views, S and WS means over its views; each is averaged over scenarios (variances alike)
+  and score = clip((ST/vST + S/vS + WS/vWS)/3 - (MSE - vMSE), 0, 1). No epsilon.
+  `original_rounded_variances` is the older `calculate_iq_score.py`, which rounds the
+  variances to 4 decimals (spatial: 5) first; the two differ by hundredths of a point.
+- Verified (`final_score_view`): per sample, S/(vS+1e-8), WS/(vWS+1e-8), ST/(vST+1e-8) and
+  (vMSE+1e-8)/MSE, each clipped to [0, 1], averaged; then the mean over samples.
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import os
-from typing import Iterable, Iterator
+import tempfile
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from scipy import ndimage
 
-MASK_THRESHOLD = 10  # on 0..255 gray levels, i.e. 10/255
+MASK_THRESHOLD = 10  # on 0..255 grey levels
 BACKGROUND_ALPHA = 0.3
-MORPH_SIZE = 5
-RESIZE_DIVISOR = 4  # metrics run at 1/4 of take-1's resolution (960x540 for the 4K release)
+BLUR_SIZE = (5, 5)
+MORPH_KERNEL = np.ones((5, 5), np.uint8)
+MASK_ON = 127  # a decoded mask pixel counts as moving when channel 0 is above this
+MASK_FOURCC = "mp4v"
+RESIZE_DIVISOR = 4  # metrics run at 1/4 of take-1's size (960x540 for the 4K release)
+SECONDS = 5  # the scored window: the first 5 s after the switch frame
 VIEWS = ("perspective-left", "perspective-center", "perspective-right")
 RATIO_EPS = 1e-8  # the Verified score's guard against zero variances
-_BLUR_TAPS = np.array([1, 4, 6, 4, 1], np.int64)  # OpenCV's fixed 5-tap kernel for sigma=0
+LIST_KEYS = ("spatiotemporal_iou", "mse", "variance_spatiotemporal_iou", "variance_mse")
+SCALAR_KEYS = ("spatial_iou", "weighted_spatial_iou", "variance_spatial_iou",
+               "variance_weighted_spatial_iou")
+METRICS = ("spatiotemporal_iou", "spatial_iou", "weighted_spatial_iou", "mse")
+
+
+class VideoError(ValueError):
+    """A video that OpenCV cannot open, or that has too few frames; the message names the file."""
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as e:  # the eval extra; the rest of vgpt_jax runs without it
+        raise ImportError("Physics-IQ scoring uses OpenCV, as the official scorer does: "
+                          "pip install -e '.[eval]' (opencv-python-headless)") from e
+    return cv2
+
+
+# ----------------------------------------------------------------------------- video files
+
+
+def read_frames(path: str, limit: int | None = None) -> Iterator[np.ndarray]:
+    """Decoded frames of a video file as `cv2.VideoCapture` gives them: BGR uint8 `[H,W,3]`."""
+    cv2 = _cv2()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    capture = cv2.VideoCapture(path)
+    try:
+        if not capture.isOpened():
+            raise VideoError(f"{path}: OpenCV cannot open it (corrupt, empty or not a video)")
+        count = 0
+        while limit is None or count < limit:
+            ok, frame = capture.read()
+            if not ok:
+                return
+            yield frame
+            count += 1
+    finally:
+        capture.release()
+
+
+def video_fps(path: str) -> float:
+    """The frame rate OpenCV reports (`CAP_PROP_FPS`), which is what the official scorer uses."""
+    cv2 = _cv2()
+    capture = cv2.VideoCapture(path)
+    try:
+        if not capture.isOpened():
+            raise VideoError(f"{path}: OpenCV cannot open it (corrupt, empty or not a video)")
+        return float(capture.get(cv2.CAP_PROP_FPS))
+    finally:
+        capture.release()
+
+
+def _exactly(frames: Iterable[np.ndarray], n: int, what: str) -> Iterator[np.ndarray]:
+    """The first `n` of `frames`; a clear VideoError when there are fewer."""
+    count = 0
+    for frame in frames:
+        if count == n:
+            return
+        yield frame
+        count += 1
+    if count < n:
+        raise VideoError(f"{what}: {count} frames, but the first {n} are scored")
 
 
 # ----------------------------------------------------------------------------- masks
 
 
-def _gray_uint8(frame_rgb: np.ndarray) -> np.ndarray:
-    """`[H,W,3]` uint8 RGB -> `[H,W]` uint8 luma with OpenCV's 14-bit fixed-point weights."""
-    f = frame_rgb.astype(np.int64)
-    return ((f[..., 0] * 4899 + f[..., 1] * 9617 + f[..., 2] * 1868 + (1 << 13)) >> 14).astype(np.uint8)
-
-
-def _blur5_uint8(gray: np.ndarray) -> np.ndarray:
-    """OpenCV `GaussianBlur(gray, (5,5), 0)` on uint8: exact integer taps, round half up."""
-    padded = np.pad(gray.astype(np.int64), 2, mode="reflect")  # numpy 'reflect' == BORDER_REFLECT_101
-    h, w = gray.shape
-    rows = sum(_BLUR_TAPS[i] * padded[i : i + h, :] for i in range(5))
-    both = sum(_BLUR_TAPS[j] * rows[:, j : j + w] for j in range(5))
-    return ((both + 128) >> 8).astype(np.uint8)
-
-
 class MotionMasker:
-    """Streaming motion masks: feed RGB uint8 frames `[H,W,3]` in order, get bool masks `[H,W]`.
+    """The official motion mask, one frame at a time: BGR uint8 `[H,W,3]` -> uint8 0/255 `[H,W]`.
 
     Streaming keeps memory at one native-resolution frame, which matters for 4K release videos.
     """
@@ -71,68 +128,73 @@ class MotionMasker:
     def __init__(self, threshold: int = MASK_THRESHOLD, alpha: float = BACKGROUND_ALPHA):
         self.threshold = threshold
         self.alpha = alpha
-        self._background: np.ndarray | None = None
-        self._footprint = np.ones((MORPH_SIZE, MORPH_SIZE), bool)
+        self._background: np.ndarray | None = None  # float64, as `astype("float")` makes it
 
-    def __call__(self, frame_rgb: np.ndarray) -> np.ndarray:
-        blurred = _blur5_uint8(_gray_uint8(frame_rgb))
+    def __call__(self, frame_bgr: np.ndarray) -> np.ndarray:
+        cv2 = _cv2()
+        grey = cv2.GaussianBlur(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY), BLUR_SIZE, 0)
         if self._background is None:
-            self._background = blurred.astype(np.float64)
-            return np.zeros(blurred.shape, bool)
-        # accumulateWeighted updates the background with the current frame *before* the diff.
-        self._background = (1.0 - self.alpha) * self._background + self.alpha * blurred
-        background_u8 = np.clip(np.rint(self._background), 0, 255)  # convertScaleAbs
-        moving = np.abs(blurred.astype(np.float64) - background_u8) > self.threshold
-        # OpenCV morphology ignores out-of-image pixels; 'nearest' min/max filters do the same.
-        opened = ndimage.maximum_filter(ndimage.minimum_filter(moving, footprint=self._footprint, mode="nearest"),
-                                        footprint=self._footprint, mode="nearest")
-        closed = ndimage.minimum_filter(ndimage.maximum_filter(opened, footprint=self._footprint, mode="nearest"),
-                                        footprint=self._footprint, mode="nearest")
-        return closed
+            self._background = grey.astype(np.float64)
+            return np.zeros_like(grey)
+        # The background takes in the current frame *before* the difference is taken.
+        cv2.accumulateWeighted(grey, self._background, self.alpha)
+        diff = cv2.absdiff(grey, cv2.convertScaleAbs(self._background))
+        _, binary = cv2.threshold(diff, self.threshold, 255, cv2.THRESH_BINARY)
+        binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, MORPH_KERNEL)
+        return cv2.morphologyEx(binary, cv2.MORPH_CLOSE, MORPH_KERNEL)
 
 
-def motion_masks(video: np.ndarray) -> np.ndarray:
-    """Motion masks of a video `[T,H,W,3]` (uint8 or float in [0,1]) -> bool `[T,H,W]`."""
-    video = _as_uint8_video(video, "video")
-    masker = MotionMasker()
-    return np.stack([masker(frame) for frame in video])
+def write_mask_video(frames_bgr: Iterable[np.ndarray], path: str, fps: float) -> int:
+    """Write the motion masks of BGR frames as the official scorer stores them; returns the count.
+
+    Grey mp4v at round(fps), the writer opened at the size cropped to even sides.
+    """
+    cv2 = _cv2()
+    masker, writer, count = MotionMasker(), None, 0
+    try:
+        for frame in frames_bgr:
+            if writer is None:
+                h, w = frame.shape[:2]
+                writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*MASK_FOURCC), round(fps),
+                                         (w - w % 2, h - h % 2), isColor=False)
+                if not writer.isOpened():
+                    raise OSError(f"{path}: OpenCV cannot write {MASK_FOURCC} video here")
+            writer.write(masker(frame))
+            count += 1
+    finally:
+        if writer is not None:
+            writer.release()
+    return count
 
 
-# ----------------------------------------------------------------------------- resizing
+def mask_video_of(video_path: str, mask_path: str) -> int:
+    """`write_mask_video` of every frame of a video file; returns the video's frame count."""
+    return write_mask_video(read_frames(video_path), mask_path, video_fps(video_path))
 
 
-def _axis_weights(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """OpenCV INTER_LINEAR sample positions along one axis: (index0, index1, weight1)."""
-    pos = (np.arange(dst) + 0.5) * (src / dst) - 0.5
-    i0 = np.floor(pos).astype(np.int64)
-    frac = pos - i0
-    frac[i0 < 0] = 0.0
-    i0 = np.clip(i0, 0, src - 1)
-    i1 = np.minimum(i0 + 1, src - 1)
-    return i0, i1, frac
+# ----------------------------------------------------------------------------- scoring size
 
 
-def _resize_uint8(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """`cv2.resize(image, (w, h))` (bilinear; exact halving is area-averaged as OpenCV does)."""
-    h, w = image.shape[:2]
-    oh, ow = out_hw
-    if (h, w) == (oh, ow):
-        return image
-    x = image.astype(np.float64)
-    if h == 2 * oh and w == 2 * ow:
-        out = x.reshape(oh, 2, ow, 2, *x.shape[2:]).mean(axis=(1, 3))
-    else:
-        r0, r1, fr = _axis_weights(h, oh)
-        c0, c1, fc = _axis_weights(w, ow)
-        fr = fr.reshape((-1, 1) + (1,) * (x.ndim - 2))
-        fc = fc.reshape((1, -1) + (1,) * (x.ndim - 2))
-        rows = x[r0] * (1 - fr) + x[r1] * fr
-        out = rows[:, c0] * (1 - fc) + rows[:, c1] * fc
-    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+def scoring_size(frame: np.ndarray, divisor: int = RESIZE_DIVISOR) -> tuple[int, int]:
+    """(h, w) the metrics run at: a take-1 frame's size // divisor."""
+    return frame.shape[0] // divisor, frame.shape[1] // divisor
 
 
-def _resize_mask(mask: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    return _resize_uint8(mask.astype(np.uint8) * 255, out_hw) > 127
+def resize(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """`cv2.resize` to (h, w) with its default bilinear interpolation, as the official code does."""
+    return _cv2().resize(image, (out_hw[1], out_hw[0]))
+
+
+def frames_at(frames_bgr: Iterable[np.ndarray], out_hw: tuple[int, int]) -> np.ndarray:
+    """Decoded frames resized for scoring: uint8 `[T,h,w,3]`."""
+    out = [resize(frame, out_hw) for frame in frames_bgr]
+    return np.stack(out) if out else np.zeros((0, *out_hw, 3), np.uint8)
+
+
+def masks_at(mask_frames: Iterable[np.ndarray], out_hw: tuple[int, int]) -> np.ndarray:
+    """Decoded mask-video frames (BGR) resized, then channel 0 > 127: bool `[T,h,w]`."""
+    out = [resize(frame, out_hw)[..., 0] > MASK_ON for frame in mask_frames]
+    return np.stack(out) if out else np.zeros((0, *out_hw), bool)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -152,92 +214,193 @@ def spatial_iou(masks_a: np.ndarray, masks_b: np.ndarray) -> float:
 
 def weighted_spatial_iou(masks_a: np.ndarray, masks_b: np.ndarray) -> float:
     """Sum of min / sum of max of the per-pixel motion frequencies of bool masks `[T,H,W]`."""
-    freq_a, freq_b = masks_a.mean(axis=0), masks_b.mean(axis=0)
-    union = np.maximum(freq_a, freq_b).sum()
-    return 1.0 if union == 0 else float(np.minimum(freq_a, freq_b).sum() / union)
+    freq_a = np.sum(masks_a, axis=0, dtype=np.uint16) / len(masks_a)
+    freq_b = np.sum(masks_b, axis=0, dtype=np.uint16) / len(masks_b)
+    union = np.maximum(freq_a, freq_b)
+    valid = union > 0
+    if not valid.any():
+        return 1.0
+    return float(np.sum(np.minimum(freq_a, freq_b)[valid]) / np.sum(union[valid]))
 
 
 def mse_per_frame(frames_a: np.ndarray, frames_b: np.ndarray) -> np.ndarray:
-    """Per-frame MSE of uint8 frames `[T,H,W,3]` scaled to [0, 1] -> `[T]`."""
-    diff = frames_a.astype(np.float64) / 255.0 - frames_b.astype(np.float64) / 255.0
-    return np.mean(diff**2, axis=(1, 2, 3))
+    """Per-frame MSE of uint8 frames `[T,H,W,3]` on [0, 1], in float32 as the official code: `[T]`."""
+    if frames_a.shape != frames_b.shape:
+        raise ValueError(f"mse_per_frame: shapes differ, {frames_a.shape} vs {frames_b.shape}")
+    out = np.empty(len(frames_a), np.float64)
+    for t, (a, b) in enumerate(zip(frames_a, frames_b)):  # one frame at a time: 4K-safe memory
+        diff = (a / 255.0).astype(np.float32) - (b / 255.0).astype(np.float32)
+        out[t] = (diff**2).mean()
+    return out
 
 
-# ----------------------------------------------------------------------------- one sample
+def sample_metrics(take1, take2, generated) -> dict:
+    """Metrics of one sample from three (frames uint8 `[n,h,w,3]`, masks bool `[n,h,w]`) pairs.
 
-
-def _as_uint8_video(video: np.ndarray, name: str) -> np.ndarray:
-    video = np.asarray(video)
-    if video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"{name}: expected an RGB video [T,H,W,3], got shape {video.shape}")
-    if video.dtype == np.uint8:
-        return video
-    if np.issubdtype(video.dtype, np.floating):
-        return np.clip(np.rint(video * 255.0), 0, 255).astype(np.uint8)
-    return np.clip(video, 0, 255).astype(np.uint8)
-
-
-def summarize_video(frames: Iterable[np.ndarray], out_hw: tuple[int, int],
-                    masks: Iterable[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Stream native RGB uint8 frames `[H,W,3]` -> (frames `[T,h,w,3]` uint8, masks `[T,h,w]` bool).
-
-    `masks` (bool `[H,W]` per frame, e.g. the release's precomputed masks) replaces our own.
+    Returns per-frame lists (spatiotemporal_iou, mse and their variance_*, unrounded) and floats.
     """
-    masker = MotionMasker()
-    small_frames, small_masks = [], []
-    mask_iter = iter(masks) if masks is not None else None
-    for frame in frames:
-        if mask_iter is None:
-            mask = masker(frame)
-        else:
-            mask = next(mask_iter, None)
-            if mask is None:
-                raise ValueError(f"fewer masks than frames (ran out at frame {len(small_frames)})")
-            mask = np.asarray(mask, bool)
-        small_frames.append(_resize_uint8(frame, out_hw))
-        small_masks.append(_resize_mask(mask, out_hw))
-    if not small_frames:
-        raise ValueError("summarize_video: the video has no frames")
-    return np.stack(small_frames), np.stack(small_masks)
-
-
-def compare_summaries(take1, take2, prediction) -> dict:
-    """Metrics from three `summarize_video` results of equal shape. Per-frame values unrounded."""
-    (f1, m1), (f2, m2), (fp, mp) = take1, take2, prediction
+    (f1, m1), (f2, m2), (fg, mg) = take1, take2, generated
+    shapes = {"take 1": (f1.shape, m1.shape), "take 2": (f2.shape, m2.shape),
+              "generated": (fg.shape, mg.shape)}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"frames or masks differ in shape across the videos: {shapes}")
     return {
-        "spatiotemporal_iou": spatiotemporal_iou_per_frame(m1, mp),
-        "spatial_iou": spatial_iou(m1, mp),
-        "weighted_spatial_iou": weighted_spatial_iou(m1, mp),
-        "mse": mse_per_frame(f1, fp),
-        "variance_spatiotemporal_iou": spatiotemporal_iou_per_frame(m1, m2),
+        "spatiotemporal_iou": spatiotemporal_iou_per_frame(m1, mg).tolist(),
+        "spatial_iou": spatial_iou(m1, mg),
+        "weighted_spatial_iou": weighted_spatial_iou(m1, mg),
+        "mse": mse_per_frame(f1, fg).tolist(),
+        "variance_spatiotemporal_iou": spatiotemporal_iou_per_frame(m1, m2).tolist(),
         "variance_spatial_iou": spatial_iou(m1, m2),
         "variance_weighted_spatial_iou": weighted_spatial_iou(m1, m2),
-        "variance_mse": mse_per_frame(f1, f2),
+        "variance_mse": mse_per_frame(f1, f2).tolist(),
     }
 
 
-def evaluate_sample(take1: np.ndarray, take2: np.ndarray, prediction: np.ndarray, *,
-                    num_frames: int | None = None, resize_divisor: int = RESIZE_DIVISOR,
-                    strict_size: bool = True, take1_masks: np.ndarray | None = None,
-                    take2_masks: np.ndarray | None = None) -> dict:
-    """Physics-IQ metrics of one (scenario, view) sample.
+# ----------------------------------------------------------------------------- aggregation
 
-    Args:
-      take1, take2, prediction: RGB videos `[T,H,W,3]` (uint8, or float in [0, 1]) covering the
-        scored window only (the 5 s after the switch frame).
-      num_frames: score the first `num_frames` frames (the benchmark uses fps * 5); None: all,
-        which then must be equally long.
-      resize_divisor: metrics run at take-1's size // resize_divisor (official: 4).
-      strict_size: require the prediction to have take-1's H, W. The benchmark itself accepts
-        any resolution (it resizes), so the release loader turns this off.
-      take1_masks, take2_masks: optional precomputed bool masks `[T,H,W]` for the real takes.
-    Returns:
-      dict of per-frame arrays `[T]` (spatiotemporal_iou, mse and their variance_*) and floats.
-    Raises:
-      ValueError naming the shapes for mismatched lengths or sizes.
+
+def _rounded(values) -> np.ndarray:
+    """Python's round(x, 4) per value: how the official scorer parses its CSV (not np.round)."""
+    return np.array([round(float(v), 4) for v in values], np.float64)
+
+
+def printed(fraction) -> float:
+    """A score fraction as `run_physics_iq.py` prints it: `f"{round(x, 4) * 100:.2f}"`."""
+    return float(f"{round(np.float64(fraction), 4) * 100:.2f}")
+
+
+def _by(samples: Sequence[dict], key: str) -> list[list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for sample in samples:
+        groups.setdefault(str(sample.get(key, "")), []).append(sample)
+    return list(groups.values())
+
+
+def _scenario_means(members: list[dict]) -> dict:
+    row = {k: float(np.mean(np.concatenate([_rounded(m[k]) for m in members]))) for k in LIST_KEYS}
+    row.update({k: float(np.mean([m[k] for m in members])) for k in SCALAR_KEYS})
+    return row
+
+
+def verified_components(sample: dict) -> dict:
+    """One sample's Verified sub-scores, each clipped to [0, 1], and their mean ('score')."""
+    frame_means = {k: np.mean(_rounded(sample[k])) for k in LIST_KEYS}
+    with np.errstate(divide="ignore", invalid="ignore"):  # MSE 0 -> inf -> 1, as officially
+        parts = {
+            "spatial": sample["spatial_iou"] / (np.float64(sample["variance_spatial_iou"]) + RATIO_EPS),
+            "weighted_spatial": sample["weighted_spatial_iou"]
+            / (np.float64(sample["variance_weighted_spatial_iou"]) + RATIO_EPS),
+            "spatiotemporal": frame_means["spatiotemporal_iou"]
+            / (frame_means["variance_spatiotemporal_iou"] + RATIO_EPS),
+            "mse": np.reciprocal(frame_means["mse"] / (frame_means["variance_mse"] + RATIO_EPS)),
+        }
+    clipped = np.clip(np.array(list(parts.values())), 0.0, 1.0)
+    return {**dict(zip(parts, clipped.tolist())), "score": float(clipped.mean())}
+
+
+def _rounded_variance_original(samples: Sequence[dict], rows: list[dict]) -> float:
+    """`calculate_iq_score.py`: S and WS as means over views of per-view means, variances
+    rounded before the ratios, the percentage clipped and rounded to 2 decimals."""
+    views = _by(samples, "view")
+    per_view = lambda key: np.mean([np.mean([m[key] for m in group]) for group in views])
+    per_view_frames = lambda key: np.mean([np.mean(np.concatenate([_rounded(m[key]) for m in group]))
+                                           for group in views])
+    st, mse = np.mean([r["spatiotemporal_iou"] for r in rows]), np.mean([r["mse"] for r in rows])
+    # round() of numpy floats rounds as numpy does, which is what the official code gets.
+    v_st = round(np.float64(per_view_frames("variance_spatiotemporal_iou")), 4)
+    v_mse = round(np.float64(per_view_frames("variance_mse")), 4)
+    v_s = round(np.float64(per_view("variance_spatial_iou")), 5)
+    v_ws = round(np.float64(per_view("variance_weighted_spatial_iou")), 4)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = ((st / v_st + per_view("spatial_iou") / v_s
+                  + per_view("weighted_spatial_iou") / v_ws) / 3 - (mse - v_mse)) * 100
+    return float(round(max(min(np.float64(score), 100.0), 0.0), 2))
+
+
+def iq_scores(samples: Sequence[dict]) -> dict:
+    """Both official scores of `sample_metrics` dicts that carry 'scenario' (and 'view') keys.
+
+    Samples sharing a scenario are its views; give them in the official order (scenarios as
+    they appear, views left, center, right) to match it to the last bit.
+    Returns 'original', 'verified' (as printed), 'original_rounded_variances', 'fractions'
+    (unrounded), 'components' (the official sub-scores), 'metrics' and 'physical_variance'
+    (means over scenarios, as the official scorer averages them).
     """
-    videos = {"take1": _as_uint8_video(take1, "take1"), "take2": _as_uint8_video(take2, "take2"),
-              "prediction": _as_uint8_video(prediction, "prediction")}
+    if not samples:
+        raise ValueError("Physics-IQ: no samples to score")
+    rows = [_scenario_means(group) for group in _by(samples, "scenario")]
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in LIST_KEYS + SCALAR_KEYS}
+    with np.errstate(divide="ignore", invalid="ignore"):  # the official Original has no epsilon
+        components = {
+            "score_spatiotemporal": np.float64(mean["spatiotemporal_iou"]) / mean["variance_spatiotemporal_iou"],
+            "score_spatial": np.float64(mean["spatial_iou"]) / mean["variance_spatial_iou"],
+            "score_weighted_spatial": np.float64(mean["weighted_spatial_iou"]) / mean["variance_weighted_spatial_iou"],
+            "score_mse": np.float64(mean["mse"]) - mean["variance_mse"],
+        }
+    raw = (components["score_spatiotemporal"] + components["score_spatial"]
+           + components["score_weighted_spatial"]) / 3 - components["score_mse"]
+    per_sample = [verified_components(s) for s in samples]
+    for part in ("spatial", "weighted_spatial", "spatiotemporal", "mse"):
+        components[f"score_{part}_view"] = float(np.mean([p[part] for p in per_sample]))
+    fractions = {"final_score_raw": float(raw), "final_score_orig": float(np.clip(raw, 0.0, 1.0)),
+                 "final_score_view": float(np.mean([p["score"] for p in per_sample]))}
+    return {
+        "original": printed(fractions["final_score_orig"]),
+        "verified": printed(fractions["final_score_view"]),
+        "original_rounded_variances": _rounded_variance_original(samples, rows),
+        "fractions": fractions,
+        "components": {k: float(v) for k, v in components.items()},
+        "metrics": {k: mean[k] for k in METRICS},
+        "physical_variance": {k: mean["variance_" + k] for k in METRICS},
+    }
+
+
+def breakdown(samples: Sequence[dict], key: str) -> dict:
+    """`iq_scores` of the samples grouped by `key` ('view', 'category'), plus their counts."""
+    out = {}
+    for group in _by(samples, key):
+        scores = iq_scores(group)
+        out[str(group[0].get(key, ""))] = {
+            "num_samples": len(group), "num_scenarios": len(_by(group, "scenario")),
+            **{k: scores[k] for k in ("original", "verified", "metrics", "physical_variance")}}
+    return out
+
+
+# ----------------------------------------------------------------------------- arrays in memory
+
+
+def _bgr(video: np.ndarray, name: str) -> np.ndarray:
+    """RGB `[T,H,W,3]` (uint8, or float in [0, 1]) -> contiguous BGR uint8, as OpenCV decodes."""
+    video = np.asarray(video)
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"{name}: expected an RGB video [T,H,W,3], got shape {video.shape}")
+    if np.issubdtype(video.dtype, np.floating):
+        video = np.clip(np.rint(video * 255.0), 0, 255)
+    return np.ascontiguousarray(video.astype(np.uint8)[..., ::-1])
+
+
+def summarize_array(video_bgr: np.ndarray, out_hw: tuple[int, int], fps: float,
+                    work_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """Frames and masks at the scoring size of decoded BGR frames `[T,H,W,3]`; the masks make
+    the official mp4v round trip through `work_dir`."""
+    path = os.path.join(work_dir, "mask.mp4")
+    write_mask_video(video_bgr, path, fps)
+    return frames_at(video_bgr, out_hw), masks_at(read_frames(path, len(video_bgr)), out_hw)
+
+
+def evaluate_sample(take1: np.ndarray, take2: np.ndarray, prediction: np.ndarray, *,
+                    fps: float = 8.0, num_frames: int | None = None,
+                    resize_divisor: int = RESIZE_DIVISOR, strict_size: bool = True) -> dict:
+    """Metrics of one sample given as decoded RGB videos `[T,H,W,3]` (uint8 or float in [0, 1]).
+
+    Each video is treated as the official scorer treats a decoded file: its masks are computed
+    and stored as mp4v at `fps` (which only sets the mask videos' frame rate) and read back.
+    num_frames: score the first `num_frames` (the benchmark: fps * 5); None: all, which must
+    then be equally many. strict_size: require the prediction to have take-1's H, W (the
+    benchmark itself resizes any size). Raises ValueError naming the shapes.
+    """
+    videos = {"take1": _bgr(take1, "take1"), "take2": _bgr(take2, "take2"),
+              "prediction": _bgr(prediction, "prediction")}
     shapes = {k: v.shape for k, v in videos.items()}
     if num_frames is None:
         if len({s[0] for s in shapes.values()}) != 1:
@@ -251,224 +414,328 @@ def evaluate_sample(take1: np.ndarray, take2: np.ndarray, prediction: np.ndarray
         raise ValueError(f"take1 and take2 must have the same frame size, got shapes {shapes}")
     if strict_size and shapes["prediction"][1:3] != shapes["take1"][1:3]:
         raise ValueError(f"prediction must have take1's frame size (strict_size=True), got shapes {shapes}")
-    out_hw = (shapes["take1"][1] // resize_divisor, shapes["take1"][2] // resize_divisor)
+    out_hw = scoring_size(videos["take1"][0], resize_divisor)
     if min(out_hw) < 1:
         raise ValueError(f"take1 frames {shapes['take1']} are too small for resize_divisor={resize_divisor}")
-    masks = {"take1": take1_masks, "take2": take2_masks, "prediction": None}
-    summaries = {}
-    for key, video in videos.items():
-        given = masks[key]
-        if given is not None:
-            given = np.asarray(given, bool)[: len(video)]
-            if given.shape != video.shape[:3]:
-                raise ValueError(f"{key}_masks shape {given.shape} does not match {key} video {video.shape}")
-        summaries[key] = summarize_video(video, out_hw, given)
-    return compare_summaries(summaries["take1"], summaries["take2"], summaries["prediction"])
+    with tempfile.TemporaryDirectory(prefix="physics_iq_") as work_dir:
+        summaries = [summarize_array(videos[k], out_hw, fps, work_dir) for k in videos]
+    return sample_metrics(*summaries)
 
 
-# ----------------------------------------------------------------------------- aggregation
-
-
-def _round_frames(values) -> np.ndarray:
-    return np.round(np.asarray(values, np.float64), 4)
-
-
-def original_score(samples: list[dict], scenarios: list[str] | None = None, *,
-                   round_variances: bool = True) -> float:
-    """The original Physics-IQ score (percent) from `evaluate_sample` dicts; see the module doc.
-
-    `round_variances=True` is `calculate_iq_score.py` (the README's number); False is
-    `IQTable.final_score_orig` of the newer scorer, which skips the variance rounding.
-    """
-    if not samples:
-        raise ValueError("original_score: no samples")
-    scenarios = scenarios or [str(i) for i in range(len(samples))]
-    groups: dict[str, list[int]] = {}
-    for index, name in enumerate(scenarios):
-        groups.setdefault(name, []).append(index)
-
-    def per_scenario_frame_mean(key):
-        return np.mean([np.mean(np.concatenate([_round_frames(samples[i][key]) for i in idx]))
-                        for idx in groups.values()])
-
-    st, mse = per_scenario_frame_mean("spatiotemporal_iou"), per_scenario_frame_mean("mse")
-    s = np.mean([x["spatial_iou"] for x in samples])
-    ws = np.mean([x["weighted_spatial_iou"] for x in samples])
-    def maybe_round(value, digits):
-        return round(float(value), digits) if round_variances else float(value)
-
-    v_st = maybe_round(np.mean(np.concatenate([_round_frames(x["variance_spatiotemporal_iou"]) for x in samples])), 4)
-    v_mse = maybe_round(np.mean(np.concatenate([_round_frames(x["variance_mse"]) for x in samples])), 4)
-    v_s = maybe_round(np.mean([x["variance_spatial_iou"] for x in samples]), 5)
-    v_ws = maybe_round(np.mean([x["variance_weighted_spatial_iou"] for x in samples]), 4)
-    with np.errstate(divide="ignore", invalid="ignore"):  # the official score has no epsilon
-        score = ((np.float64(st) / v_st + s / v_s + ws / v_ws) / 3 - (mse - v_mse)) * 100
-    return round(float(np.clip(score, 0.0, 100.0)), 2)
-
-
-def verified_components(sample: dict) -> dict:
-    """Per-sample Verified sub-scores, each clipped to [0, 1], and their mean ('score')."""
-    st, v_st = np.mean(_round_frames(sample["spatiotemporal_iou"])), np.mean(_round_frames(sample["variance_spatiotemporal_iou"]))
-    mse, v_mse = np.mean(_round_frames(sample["mse"])), np.mean(_round_frames(sample["variance_mse"]))
-    with np.errstate(divide="ignore"):  # MSE 0 -> inf -> clipped to 1, as in the official code
-        parts = {
-            "spatial": sample["spatial_iou"] / (sample["variance_spatial_iou"] + RATIO_EPS),
-            "spatiotemporal": st / (v_st + RATIO_EPS),
-            "weighted_spatial": sample["weighted_spatial_iou"] / (sample["variance_weighted_spatial_iou"] + RATIO_EPS),
-            "mse": (v_mse + RATIO_EPS) / np.float64(mse),
-        }
-    parts = {k: float(np.clip(v, 0.0, 1.0)) for k, v in parts.items()}
-    parts["score"] = float(np.mean(list(parts.values())))
-    return parts
-
-
-def verified_score(samples: list[dict]) -> float:
-    """Physics-IQ Verified score (percent): mean over samples of `verified_components`."""
-    if not samples:
-        raise ValueError("verified_score: no samples")
-    return round(100.0 * float(np.mean([verified_components(x)["score"] for x in samples])), 2)
-
-
-def _summary(per_sample: list[dict], names: list[str]) -> dict:
-    def mean_of(key):
-        return float(np.mean([np.mean(x[key]) for x in per_sample]))
-
-    keys = ("spatiotemporal_iou", "spatial_iou", "weighted_spatial_iou", "mse")
-    return {
-        "original": original_score(per_sample, names),
-        "original_unrounded": original_score(per_sample, names, round_variances=False),
-        "verified": verified_score(per_sample),
-        "metrics": {k: mean_of(k) for k in keys},
-        "physical_variance": {k: mean_of("variance_" + k) for k in keys},
-        "per_sample": per_sample,
-        "scenarios": names,
-    }
-
-
-def score_scenarios(scenarios: Iterable[dict], *, num_frames: int | None = None,
+def score_scenarios(scenarios: Iterable[dict], *, fps: float = 8.0, num_frames: int | None = None,
                     resize_divisor: int = RESIZE_DIVISOR, strict_size: bool = True) -> dict:
-    """Score predictions against real takes.
+    """Score predictions against real takes held in memory.
 
-    Args:
-      scenarios: iterable of dicts, one per (scenario, view) sample, with RGB videos `[T,H,W,3]`
-        under 'take1', 'take2', 'prediction'; optional 'scenario' (a name: samples sharing it are
-        the views of one scenario, which only matters for the original score's ST and MSE
-        averaging) and optional 'take1_masks' / 'take2_masks' (bool `[T,H,W]`).
-      num_frames, resize_divisor, strict_size: as in `evaluate_sample`.
-    Returns:
-      dict with 'original', 'original_unrounded' and 'verified' (percent), 'metrics' and
-      'physical_variance' (means over samples of the four metrics), 'per_sample' (the `evaluate_sample` dicts) and 'scenarios'.
+    scenarios: one dict per sample with RGB videos `[T,H,W,3]` under 'take1', 'take2' and
+    'prediction'; optional 'scenario' (samples sharing it are the views of one scenario) and
+    'view'. fps, num_frames, resize_divisor, strict_size: as in `evaluate_sample`.
+    Returns `iq_scores` plus 'per_sample' (metrics with their names) and 'scenarios'.
     """
-    per_sample, names = [], []
+    per_sample = []
     for index, item in enumerate(scenarios):
         missing = {"take1", "take2", "prediction"} - set(item)
         if missing:
             raise ValueError(f"scenario {index} lacks {sorted(missing)}")
-        per_sample.append(evaluate_sample(item["take1"], item["take2"], item["prediction"],
-                                          num_frames=num_frames, resize_divisor=resize_divisor,
-                                          strict_size=strict_size, take1_masks=item.get("take1_masks"),
-                                          take2_masks=item.get("take2_masks")))
-        names.append(str(item.get("scenario", index)))
-    return _summary(per_sample, names)
+        metrics = evaluate_sample(item["take1"], item["take2"], item["prediction"], fps=fps,
+                                  num_frames=num_frames, resize_divisor=resize_divisor,
+                                  strict_size=strict_size)
+        per_sample.append({"scenario": str(item.get("scenario", index)),
+                           "view": str(item.get("view", "")), **metrics})
+    return {**iq_scores(per_sample), "per_sample": per_sample,
+            "scenarios": [s["scenario"] for s in per_sample]}
 
 
 # ----------------------------------------------------------------------------- release on disk
 
 
-def _read_frames(path: str, max_frames: int, gray: bool = False) -> Iterator[np.ndarray]:
-    import av
-
-    with av.open(path) as container:
-        for index, frame in enumerate(container.decode(video=0)):
-            if index >= max_frames:
-                break
-            rgb = frame.to_ndarray(format="rgb24")
-            yield rgb[..., 0] > 127 if gray else rgb
-
-
-def _frame_size(path: str) -> tuple[int, int]:
-    import av
-
-    with av.open(path) as container:
-        ctx = container.streams.video[0].codec_context
-        return ctx.height, ctx.width
+@dataclasses.dataclass
+class ReleaseSample:
+    """The files of one (scenario, view): real takes, their masks (None: made here), generated."""
+    scenario: str   # the scene as in the file names, e.g. 'trimmed-ball-and-block-fall'
+    view: str
+    take1: str
+    take2: str
+    generated: str
+    take1_mask: str | None = None
+    take2_mask: str | None = None
 
 
-def find_release_samples(release_dir: str, generated_dir: str, fps: int = 30) -> list[dict]:
-    """Locate the files of every take-1 (scenario, view) in a Physics-IQ release folder.
+@dataclasses.dataclass
+class Release:
+    fps: int
+    testing_dir: str
+    mask_dir: str | None       # None: the release has no masks at this fps; they are made here
+    samples: list[ReleaseSample]
+    notes: list[str]           # renames the official scorer would also make, ignored files
 
-    Layout (as the official `physiq/` code reads it):
-      `{release}/split-videos/testing/{fps}FPS/{id}_testing-videos_{fps}FPS_{view}_take-{1|2}_{scene}.mp4`
-      `{release}/video-masks/real/{fps}FPS/{id}_video-masks_{fps}FPS_{view}_take-{1|2}_{scene}.mp4`
-        (optional; when the folder is absent, masks are computed from the videos, as the
-        official code then does)
-      `{generated}/{take-1 id}_{view}_{scene}.mp4` (or any single file starting `{take-1 id}_`,
-        as the official renaming step accepts).
-    Takes are paired by scene name and view, not by id. Returns dicts of paths and names.
-    Raises FileNotFoundError naming every missing folder or file.
-    """
-    candidates = [os.path.join(release_dir, "split-videos", sub, f"{fps}FPS") for sub in ("testing", "testing-videos")]
-    testing = next((c for c in candidates if os.path.isdir(c)), None)
-    if testing is None:
-        raise FileNotFoundError(f"Physics-IQ testing videos not found; looked for {candidates}")
+
+def parse_fps(value) -> int:
+    """A whole frame rate from 8, 8.0, '8' or '8FPS'; a clear ValueError otherwise."""
+    text = str(value).strip().upper().removesuffix("FPS")
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not np.isfinite(number) or number <= 0 or abs(number - round(number)) > 1e-3:
+        raise ValueError(f"fps={value!r}: expected a whole number of frames per second, such as "
+                         "8 or 30 (the release's folders are named by it: 8FPS, 30FPS)")
+    return int(round(number))
+
+
+def _release_roots_below(path: str, depth: int = 3) -> list[str]:
+    found = []
+    for root, dirs, _ in os.walk(path):
+        if os.path.isdir(os.path.join(root, "split-videos", "testing")):
+            found.append(root)
+        if root[len(path):].count(os.sep) >= depth - 1:
+            dirs.clear()
+    return sorted(found)
+
+
+def check_release_root(release_dir: str) -> None:
+    """Raise FileNotFoundError unless `release_dir/split-videos/testing` exists, suggesting the
+    folder the user probably meant (a subfolder, or the root above a release subfolder)."""
+    if os.path.isdir(os.path.join(release_dir, "split-videos", "testing")):
+        return
+    if not os.path.isdir(release_dir):
+        raise FileNotFoundError(f"release folder {release_dir!r} does not exist")
+    hint = ""
+    below = _release_roots_below(release_dir)
+    absolute = os.path.abspath(release_dir)
+    above = [p for p in (os.path.dirname(absolute), os.path.dirname(os.path.dirname(absolute)),
+                         os.path.dirname(os.path.dirname(os.path.dirname(absolute))))
+             if os.path.isdir(os.path.join(p, "split-videos", "testing"))]
+    if below:
+        hint = "; did you mean " + " or ".join(repr(p) for p in below[:3]) + "?"
+    elif above:
+        hint = f"; it is inside the release {above[0]!r}: give that folder"
+    raise FileNotFoundError(f"{release_dir!r} is not a Physics-IQ release folder (it has no "
+                            f"split-videos/testing/){hint}")
+
+
+def _mp4s(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.endswith(".mp4"))
+
+
+def check_generated_dir(generated_dir: str) -> list[str]:
+    """The .mp4 names in the generated folder; FileNotFoundError with a hint when it has none."""
     if not os.path.isdir(generated_dir):
-        raise FileNotFoundError(f"generated videos folder not found: {generated_dir}")
-    mask_dir = os.path.join(release_dir, "video-masks", "real", f"{fps}FPS")
-    use_masks = os.path.isdir(mask_dir)
-    takes: dict[tuple[str, str], dict[str, str]] = {}
-    for name in sorted(os.listdir(testing)):
-        parts = name.split("_")
-        if not name.endswith(".mp4") or len(parts) != 6 or parts[1] != "testing-videos":
+        raise FileNotFoundError(f"generated videos folder {generated_dir!r} does not exist")
+    names = _mp4s(generated_dir)
+    if names:
+        return names
+    subs = sorted(d for d in os.listdir(generated_dir)
+                  if os.path.isdir(os.path.join(generated_dir, d))
+                  and _mp4s(os.path.join(generated_dir, d)))
+    hint = f"; its subfolder(s) {', '.join(subs[:4])} do: give one of them" if subs else ""
+    raise FileNotFoundError(f"generated videos folder {generated_dir!r} has no .mp4 files{hint}")
+
+
+def detect_fps(paths: Sequence[str]) -> int:
+    """The common frame rate of videos, as OpenCV reads it; ValueError when they disagree or it
+    is not whole (the official scorer takes it from the generated videos)."""
+    rates: dict[float, list[str]] = {}
+    for path in paths:
+        rates.setdefault(round(video_fps(path), 3), []).append(os.path.basename(path))
+    if len(rates) > 1:
+        listing = "; ".join(f"{fps:g} FPS: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                            for fps, names in sorted(rates.items()))
+        raise ValueError(f"generated videos have different frame rates ({listing}); the official "
+                         "scorer needs one rate for the whole folder")
+    (fps, names), = rates.items()
+    try:
+        return parse_fps(fps)
+    except ValueError:
+        raise ValueError(f"generated videos are at {fps:g} FPS ({names[0]}, ...); Physics-IQ "
+                         "scores whole frame rates that have a release folder (8, 16, 24, 30)") from None
+
+
+def release_takes(testing_dir: str, fps: int) -> dict[tuple[str, str], dict[str, str]]:
+    """{(scenario, view): {'take-1': id, 'take-2': id}} from the testing videos' names, scenarios
+    in the order the official scorer meets them (sorted file names) and views left, center, right."""
+    takes: dict[str, dict[str, dict[str, str]]] = {}
+    for name in _mp4s(testing_dir):
+        parts = name.removesuffix(".mp4").split("_")
+        if len(parts) != 6 or parts[1] != "testing-videos" or parts[4] not in ("take-1", "take-2"):
             continue
         file_id, _, _, view, take, scene = parts
-        takes.setdefault((scene, view), {})[take] = file_id
+        takes.setdefault(scene, {}).setdefault(view, {})[take] = file_id
     if not takes:
-        raise FileNotFoundError(f"no '{{id}}_testing-videos_{fps}FPS_{{view}}_take-N_{{scene}}.mp4' files in {testing}")
-    generated_files = sorted(f for f in os.listdir(generated_dir) if f.endswith(".mp4"))
-    samples, missing = [], []
-    for (scene, view), ids in sorted(takes.items()):
-        if "take-1" not in ids or "take-2" not in ids:
-            missing.append(f"{testing}: take-1 and take-2 of {view} {scene} (found {sorted(ids)})")
-            continue
-        sample = {"scenario": scene.removesuffix(".mp4"), "view": view}
-        for take, key in (("take-1", "take1"), ("take-2", "take2")):
-            sample[key] = os.path.join(testing, f"{ids[take]}_testing-videos_{fps}FPS_{view}_{take}_{scene}")
-            if use_masks:
-                sample[key + "_masks"] = os.path.join(mask_dir, f"{ids[take]}_video-masks_{fps}FPS_{view}_{take}_{scene}")
-        exact = f"{ids['take-1']}_{view}_{scene}"
-        prefixed = [f for f in generated_files if f.startswith(ids["take-1"] + "_")]
-        sample["prediction"] = os.path.join(generated_dir, exact if exact in generated_files
-                                            else (prefixed[0] if len(prefixed) == 1 else exact))
-        for key in ("take1", "take2", "take1_masks", "take2_masks", "prediction"):
-            if key in sample and not os.path.isfile(sample[key]):
-                missing.append(sample[key])
-        samples.append(sample)
+        raise FileNotFoundError(f"no '{{id}}_testing-videos_{fps}FPS_{{view}}_take-{{1|2}}_{{scene}}.mp4' "
+                                f"files in {testing_dir}")
+    out, missing = {}, []
+    for scene, views in takes.items():
+        for view in VIEWS:
+            ids = views.get(view, {})
+            if set(ids) != {"take-1", "take-2"}:
+                missing.append(f"{scene} {view}: found {sorted(ids) or 'no take'}")
+            else:
+                out[(scene, view)] = ids
     if missing:
-        raise FileNotFoundError("Physics-IQ files missing:\n  " + "\n  ".join(missing))
-    return samples
+        raise FileNotFoundError(f"{testing_dir}: every scenario needs take-1 and take-2 of all "
+                                f"three views; incomplete: " + "; ".join(missing))
+    return out
 
 
-def score_release(release_dir: str, generated_dir: str, *, fps: int = 30, seconds: int = 5,
-                  resize_divisor: int = RESIZE_DIVISOR) -> dict:
-    """Score a folder of generated videos against a Physics-IQ release on disk.
+def _testing_dir(release_dir: str, fps: int) -> str:
+    testing = os.path.join(release_dir, "split-videos", "testing")
+    folder = os.path.join(testing, f"{fps}FPS")
+    if not os.path.isdir(folder):
+        have = sorted(d for d in os.listdir(testing) if d.endswith("FPS"))
+        raise FileNotFoundError(f"the generated videos are at {fps} FPS but the release has no "
+                                f"{folder} (it has: {', '.join(have) or 'nothing'}); write the "
+                                "videos at one of those rates")
+    return folder
 
-    Videos are streamed frame by frame (the release is 4K), keeping only the 1/4-size frames
-    and masks in memory. The first `fps * seconds` frames of every video are scored.
-    Returns the same dict as `score_scenarios`.
+
+def _match_generated(names: Sequence[str], takes: dict, generated_dir: str, testing_dir: str):
+    """Pair generated files with samples by the 4-character take-1 id prefix, as the official
+    renaming step does. Returns ({(scene, view): path}, notes); FileNotFoundError names every
+    missing sample and why each unused file was rejected."""
+    by_take1 = {ids["take-1"]: key for key, ids in takes.items()}
+    by_take2 = {ids["take-2"]: key for key, ids in takes.items()}
+    claims: dict[str, list[str]] = {}
+    rejected, notes = [], []
+    for name in names:
+        prefix = name[:4]
+        if not (prefix.isdigit() and name[4:5] == "_"):
+            rejected.append(f"{name}: does not start with a 4-digit take-1 id and '_'")
+        elif prefix in by_take1:
+            claims.setdefault(prefix, []).append(name)
+        elif prefix in by_take2:
+            scene, view = by_take2[prefix]
+            rejected.append(f"{name}: {prefix} is the take-2 id of {view} {scene}; generated "
+                            f"videos carry the take-1 id ({takes[(scene, view)]['take-1']})")
+        else:
+            rejected.append(f"{name}: no take-1 video with id {prefix} in {testing_dir}")
+    found = {}
+    for prefix, claimed in claims.items():
+        scene, view = by_take1[prefix]
+        if len(claimed) > 1:
+            rejected.append(f"{', '.join(claimed)}: several files claim id {prefix}")
+            continue
+        expected = f"{prefix}_{view}_{scene}.mp4"
+        if claimed[0] != expected:
+            notes.append(f"{claimed[0]} is scored as {expected} (matched by its id, as the "
+                         "official scorer renames it)")
+        found[(scene, view)] = os.path.join(generated_dir, claimed[0])
+    missing = [f"{ids['take-1']}_{view}_{scene}.mp4" for (scene, view), ids in takes.items()
+               if (scene, view) not in found]
+    if missing or rejected:
+        lines = []
+        if missing:
+            lines.append(f"{len(missing)} of {len(takes)} generated videos missing in "
+                         f"{generated_dir}: " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+        if rejected:
+            lines.append("rejected files:\n  " + "\n  ".join(rejected))
+        raise FileNotFoundError("\n".join(lines))
+    return found, notes
+
+
+def find_release(release_dir: str, generated_dir: str, fps=None) -> Release:
+    """Locate every file of a Physics-IQ release folder and a folder of generated videos.
+
+    Layout, as the official `physiq/` code reads it:
+      `{release}/split-videos/testing/{fps}FPS/{id}_testing-videos_{fps}FPS_{view}_take-{1|2}_{scene}.mp4`
+      `{release}/video-masks/real/{fps}FPS/{id}_video-masks_{fps}FPS_{view}_take-{1|2}_{scene}.mp4`
+        (optional; without the folder the masks are made from the videos, as officially)
+      `{generated}/{take-1 id}_{view}_{scene}.mp4` (any name starting with the take-1 id and
+        '_' is accepted, as the official renaming step does).
+    fps: None detects it from the generated videos; a given value (8, '8', '8FPS') must agree.
+    Raises FileNotFoundError / ValueError saying what is wrong and where.
     """
-    num_frames = fps * seconds
-    per_sample, names = [], []
-    for sample in find_release_samples(release_dir, generated_dir, fps):
-        h, w = _frame_size(sample["take1"])
-        out_hw = (h // resize_divisor, w // resize_divisor)
-        summaries = {}
-        for key in ("take1", "take2", "prediction"):
-            mask_path = sample.get(key + "_masks")
-            masks = _read_frames(mask_path, num_frames, gray=True) if mask_path else None
-            summaries[key] = summarize_video(_read_frames(sample[key], num_frames), out_hw, masks)
-        lengths = {sample[k]: len(summaries[k][0]) for k in summaries}
-        if len(set(lengths.values())) != 1:
-            raise ValueError(f"videos must have at least {num_frames} frames or equal lengths, got {lengths}")
-        per_sample.append(compare_summaries(summaries["take1"], summaries["take2"], summaries["prediction"]))
-        names.append(sample["scenario"])
-    return _summary(per_sample, names)
+    check_release_root(release_dir)
+    names = check_generated_dir(generated_dir)
+    detected = detect_fps([os.path.join(generated_dir, n) for n in names])
+    if fps is not None and parse_fps(fps) != detected:
+        raise ValueError(f"fps={fps!r}, but the generated videos are at {detected} FPS; the "
+                         "official scorer takes the rate from the generated videos")
+    testing_dir = _testing_dir(release_dir, detected)
+    takes = release_takes(testing_dir, detected)
+    generated, notes = _match_generated(names, takes, generated_dir, testing_dir)
+    mask_dir = os.path.join(release_dir, "video-masks", "real", f"{detected}FPS")
+    mask_dir = mask_dir if os.path.isdir(mask_dir) else None
+    if mask_dir is None:
+        notes.append(f"the release has no video-masks/real/{detected}FPS: the real takes' masks "
+                     "are made from the videos, as the official scorer does")
+    samples, missing = [], []
+    for (scene, view), ids in takes.items():
+        paths = {take: os.path.join(testing_dir, f"{ids[take]}_testing-videos_{detected}FPS_{view}_{take}_{scene}.mp4")
+                 for take in ids}
+        masks = {take: None if mask_dir is None else
+                 os.path.join(mask_dir, f"{ids[take]}_video-masks_{detected}FPS_{view}_{take}_{scene}.mp4")
+                 for take in ids}
+        missing += [m for m in masks.values() if m is not None and not os.path.isfile(m)]
+        samples.append(ReleaseSample(scene, view, paths["take-1"], paths["take-2"],
+                                     generated[(scene, view)], masks["take-1"], masks["take-2"]))
+    if missing:
+        raise FileNotFoundError(f"{mask_dir} lacks {len(missing)} mask videos: "
+                                + ", ".join(os.path.basename(m) for m in missing[:8]))
+    return Release(detected, testing_dir, mask_dir, samples, notes)
+
+
+def load_categories(path: str) -> dict[str, str]:
+    """{scenario: category} from a descriptions CSV with 'scenario' and 'category' columns (the
+    official `descriptions/*.csv`; scenario cells like `0001_perspective-left_take-1_trimmed-x.mp4`)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"scenario", "category"} <= set(rows[0]):
+        raise ValueError(f"{path}: expected a CSV with 'scenario' and 'category' columns")
+    return {row["scenario"].split("_")[-1].removesuffix(".mp4"): row["category"] for row in rows}
+
+
+def _release_view(sample: ReleaseSample, n: int, work_dir: str):
+    """(frames, masks) of take 1, take 2 and the generated video at the scoring size."""
+    first = next(read_frames(sample.take1, 1), None)
+    if first is None:
+        raise VideoError(f"{sample.take1}: no frame decodes")
+    out_hw = scoring_size(first)
+    summaries = []
+    for key in ("take1", "take2", "generated"):
+        path = getattr(sample, key)
+        mask = getattr(sample, key + "_mask", None)
+        if mask is None:
+            mask = os.path.join(work_dir, f"{key}_{os.path.basename(path)}")
+            count = mask_video_of(path, mask)
+            if key == "generated" and count != n:
+                raise VideoError(f"{path}: {count} frames; the official scorer takes exactly "
+                                 f"{SECONDS} s ({n} frames at {n // SECONDS} FPS)")
+        frames = frames_at(_exactly(read_frames(path, n), n, path), out_hw)
+        masks = masks_at(_exactly(read_frames(mask, n), n, mask), out_hw)
+        summaries.append((frames, masks))
+    return summaries
+
+
+def score_release(release_dir: str, generated_dir: str, *, fps=None,
+                  categories: dict[str, str] | None = None, work_dir: str | None = None,
+                  progress: Callable[[ReleaseSample], None] | None = None) -> dict:
+    """Score a folder of generated videos against a Physics-IQ release on disk, officially.
+
+    fps: None detects it from the generated videos. categories: {scenario: category} (see
+    `load_categories`) adds a per-category breakdown. work_dir: where the generated videos'
+    masks are written (default: a temporary folder). progress(sample) runs after each sample.
+    Returns `iq_scores` plus 'fps', 'num_samples', 'num_scenarios', 'per_view', 'per_category'
+    (or None), 'per_sample' (names, files, metrics and Verified sub-scores) and 'notes'.
+    """
+    release = find_release(release_dir, generated_dir, fps)
+    n = release.fps * SECONDS
+    per_sample = []
+    with tempfile.TemporaryDirectory(prefix="physics_iq_") as temp:
+        masks_dir = work_dir or temp
+        os.makedirs(masks_dir, exist_ok=True)
+        for sample in release.samples:
+            metrics = sample_metrics(*_release_view(sample, n, masks_dir))
+            name = sample.scenario.removesuffix(".mp4")
+            entry = {"scenario": name, "view": sample.view,
+                     **({"category": categories.get(name, "unknown")} if categories else {}),
+                     "generated": os.path.basename(sample.generated), **metrics}
+            entry["verified_components"] = verified_components(entry)
+            per_sample.append(entry)
+            if progress is not None:
+                progress(sample)
+    return {**iq_scores(per_sample), "fps": release.fps, "frames_scored": n,
+            "num_samples": len(per_sample), "num_scenarios": len(_by(per_sample, "scenario")),
+            "per_view": breakdown(per_sample, "view"),
+            "per_category": breakdown(per_sample, "category") if categories else None,
+            "per_sample": per_sample, "notes": release.notes,
+            "release": os.path.abspath(release_dir), "generated": os.path.abspath(generated_dir)}
