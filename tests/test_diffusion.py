@@ -29,6 +29,24 @@ def test_noising_follows_the_recipe():
     assert np.all(np.abs(noisy.mean((2, 3, 4)) - t_noisy) <= 1.5 * (1 - t_noisy) + 1e-6)
 
 
+def test_v_prediction_target_is_the_velocity():
+    """prediction_type="v": the target is v = x1 - eps, so x_t + (1 - t) v = x1 exactly; the
+    noising itself is the same draw as for x1-prediction."""
+    rng = np.random.default_rng(1)
+    clip_ids = jnp.asarray(np.stack([layout.sample_clip_ids(rng, 4) for _ in range(2)]))
+    x1 = jnp.asarray(rng.standard_normal((2, 4, 2, 2, 4)), jnp.float32)
+    make = lambda pt: diffusion.make_training_inputs(
+        x1, clip_ids, jax.random.key(3), diffusion.ObjectiveConfig(prediction_type=pt), 4)
+    as_v, as_x1 = make("v"), make("x1")
+    np.testing.assert_array_equal(as_v.blocks_BNhwc, as_x1.blocks_BNhwc)
+    np.testing.assert_array_equal(as_x1.target_BFhwc, x1)
+    t = np.asarray(as_v.t_BN[:, 0::2])[:, :, None, None, None]
+    noisy = np.asarray(as_v.blocks_BNhwc[:, 0::2])
+    np.testing.assert_allclose(noisy + (1 - t) * np.asarray(as_v.target_BFhwc), x1, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction_type='eps'"):
+        diffusion.ObjectiveConfig(prediction_type="eps").validate()
+
+
 def test_unknown_timestep_sampling_is_rejected():
     with pytest.raises(ValueError, match="timestep_sampling"):
         diffusion.ObjectiveConfig(timestep_sampling="cosine").validate()

@@ -228,7 +228,8 @@ def get_train_config(model: str = "tiny") -> ml_collections.ConfigDict:
     cfg.model = get_model_config(model)
     cfg.objective = ml_collections.ConfigDict(dict(
         timestep_sampling="uniform", logit_normal_mean=0.0, logit_normal_std=1.0,
-        context_noise_beta=0.9, context_noise_gamma_max=0.1))
+        context_noise_beta=0.9, context_noise_gamma_max=0.1,
+        prediction_type="x1"))  # "v": the velocity x1 - eps (exports record it for sampling)
     cfg.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, grad_clip_norm=1.0,
         # The official scripts use constant_with_warmup (320k warmup steps, see video_gpt.md).

@@ -6,7 +6,8 @@ For a batch of latents [B, F, h, w, C] and a clip assignment [B, F]:
 - clean copy, lightly noised per frame: (b + g) * x1 + (1 - b - g) * eps', b = 0.9,
   g ~ U(0, 0.1), with no time token (the level is not given to the model);
 - the model predicts x1 at every noisy block; the loss is the mean over noisy frames of each
-  frame's MSE (no t-weighting). Every frame is noisy exactly once, so this is the mean over
+  frame's MSE (no t-weighting). `prediction_type="v"` (an option; the official inference
+  script samples its `model.pt` weights this way) predicts the velocity v = x1 - eps instead. Every frame is noisy exactly once, so this is the mean over
   all B * F frames.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ObjectiveConfig:
     logit_normal_std: float = 1.0
     context_noise_beta: float = 0.9
     context_noise_gamma_max: float = 0.1
+    prediction_type: str = "x1"      # "x1" | "v" (the velocity d x_t / dt = x1 - eps)
 
     def validate(self):
         if self.timestep_sampling not in ("uniform", "logit_normal"):
@@ -40,13 +42,16 @@ class ObjectiveConfig:
         lo, hi = self.context_noise_beta, self.context_noise_beta + self.context_noise_gamma_max
         if not (0.0 <= lo <= hi <= 1.0):
             raise ValueError(f"objective: context noise level range [{lo}, {hi}] must lie in [0, 1]")
+        if self.prediction_type not in ("x1", "v"):
+            raise ValueError(f"objective: prediction_type={self.prediction_type!r} must be 'x1' "
+                             "or 'v'")
 
 
 class TrainingInputs(NamedTuple):
     blocks_BNhwc: jax.Array   # interleaved noisy / clean latents, N = 2F
     t_BN: jax.Array           # noise level of each block (clean blocks: their context level)
     layout: layout_lib.Layout
-    target_BFhwc: jax.Array   # x1
+    target_BFhwc: jax.Array   # x1, or the velocity x1 - eps (prediction_type "v")
 
 
 def sample_clip_times(rng, clip_ids_BF, cfg: ObjectiveConfig):
@@ -68,12 +73,14 @@ def make_training_inputs(latents_BFhwc, clip_ids_BF, rng, cfg: ObjectiveConfig,
     k_t, k_eps, k_ctx, k_ctx_eps = jax.random.split(rng, 4)
     t = sample_clip_times(k_t, clip_ids_BF, cfg)
     bcast = lambda a: a[:, :, None, None, None]
-    noisy = bcast(t) * x1 + (1 - bcast(t)) * jax.random.normal(k_eps, x1.shape)
+    eps = jax.random.normal(k_eps, x1.shape)
+    noisy = bcast(t) * x1 + (1 - bcast(t)) * eps
     level = cfg.context_noise_beta + cfg.context_noise_gamma_max * jax.random.uniform(k_ctx, (b, f))
     clean = bcast(level) * x1 + (1 - bcast(level)) * jax.random.normal(k_ctx_eps, x1.shape)
     blocks = jnp.stack([noisy, clean], axis=2).reshape(b, 2 * f, *x1.shape[2:])
     t_blocks = jnp.stack([t, level], axis=2).reshape(b, 2 * f)
-    return TrainingInputs(blocks, t_blocks, layout_lib.training_layout(clip_ids_BF, block_len), x1)
+    return TrainingInputs(blocks, t_blocks, layout_lib.training_layout(clip_ids_BF, block_len),
+                          x1 if cfg.prediction_type == "x1" else x1 - eps)
 
 
 def loss(model: VideoGPT, batch: dict, rng, cfg: ObjectiveConfig = ObjectiveConfig()):
