@@ -101,6 +101,32 @@ def test_bad_context_is_a_clear_error(pipe, pixels, make_context, kwargs, messag
         pipe.predict(make_context(pixels), clip_sizes=[1], **{**FAST, **kwargs})
 
 
+def test_non_finite_context_latents_name_the_frame(pipe, pixels):
+    latents = pipe.latent_space.encode(pixels[0, :3])
+    latents[1, 2, 3, 4] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\) in frame 1"):
+        pipe.predict(latents, clip_sizes=[1], **FAST)
+    batch = np.stack([pipe.latent_space.encode(pixels[0, :3])] * 2)
+    batch[1, 2, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="in frame 2 of video 1"):
+        pipe.predict(batch, clip_sizes=[1], **FAST)
+
+
+@pytest.mark.parametrize("make_context,message", [
+    (lambda p: p[0, :0], "0 context frames.*generate"),
+    (lambda p: p[:0], "a batch of 0 videos"),
+    (lambda p: p[0, :2].astype(np.float32) / 255, "pass video frames as uint8 pixels"),
+])
+def test_degenerate_context_is_refused(pipe, pixels, make_context, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.predict(make_context(pixels), clip_sizes=[1], **FAST)
+
+
+def test_missing_checkpoint_does_not_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Pipeline.from_checkpoint(str(tmp_path / "nowhere"))
+
+
 def test_pixels_need_a_latent_space(pipe, pixels):
     with pytest.raises(ValueError, match="no latent space"):
         Pipeline(pipe.model).predict(pixels[0, :2], clip_sizes=[1], **FAST)

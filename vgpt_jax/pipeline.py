@@ -87,6 +87,16 @@ def prediction_type_of(config) -> str:
     return (config or {}).get("objective", {}).get("prediction_type", "x1")
 
 
+def _check_finite(latents_BF: np.ndarray, what: str, batched: bool) -> None:
+    """NaN or inf in the context would spread to every sampled frame: name the first frame."""
+    bad = ~np.isfinite(latents_BF).reshape(latents_BF.shape[:2] + (-1,)).all(axis=-1)
+    if bad.any():
+        b, f = (int(i) for i in np.argwhere(bad)[0])
+        video = f" of video {b}" if batched else ""
+        raise ValueError(f"{what}: non-finite values (NaN or inf) in frame {f}{video} "
+                         f"({int(bad.sum())} frame(s) affected)")
+
+
 class Pipeline:
     def __init__(self, model: VideoGPT, latent_space: LatentSpace | None = None, config=None,
                  prediction_type: str | None = None):
@@ -171,8 +181,15 @@ class Pipeline:
                              f"latents (with an optional leading batch axis), got shape "
                              f"{context.shape}")
         context = context if batched else context[None]
+        if context.shape[0] == 0:
+            raise ValueError(f"context: a batch of 0 videos (shape {context.shape})")
+        if context.shape[1] == 0:
+            raise ValueError(f"context: 0 context frames (shape {context.shape}); to sample "
+                             "from nothing use generate()")
         seeds = _seeds(seed, context.shape[0])
         latents = self._context_latents(context, seeds)
+        _check_finite(latents, "context latents" if context.dtype != np.uint8
+                      else "context latents (as encoded from the pixels)", batched)
         out = self._sample(sizes, cfg, seeds, latents, None, reencode, callback)
         return out if batched else SampleOutput(out.latents[0], None if out.frames is None
                                                 else out.frames[0])
@@ -246,6 +263,11 @@ class Pipeline:
         if not np.issubdtype(context_BF.dtype, np.floating):
             raise ValueError(f"context: dtype {context_BF.dtype} is neither uint8 pixels nor "
                              "float latents")
+        channels, expected = context_BF.shape[-1], self.model.cfg.latent_channels
+        if channels == 3 and expected != 3:
+            raise ValueError(f"context: float frames with 3 channels (shape {context_BF.shape}) "
+                             f"are taken as latents, but the model has latent_channels="
+                             f"{expected}; pass video frames as uint8 pixels (0-255)")
         return context_BF.astype(np.float32)
 
     def _sample(self, sizes, cfg, seeds, context_latents, latent_hw, reencode,
