@@ -370,3 +370,62 @@ def test_categories_break_down(release, tmp_path):
     result = piq.score_release(release[0], generated, categories=piq.load_categories(str(descriptions)))
     assert set(result["per_category"]) == {"Solid Mechanics", "Fluid Dynamics"}
     assert result["per_category"]["Fluid Dynamics"]["num_samples"] == 3
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def test_eval_physics_iq_command_writes_reports(release, tmp_path, capsys):
+    from vgpt_jax import cli
+
+    generated = _generated(str(tmp_path / "copy"), release, lambda take1, take2: None)
+    out = str(tmp_path / "report")
+    assert cli.main(["eval", "physics-iq", "--release", release[0], "--generated", generated,
+                     "--out", out, "--no-progress"]) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert (report["original"], report["verified"]) == (100.0, 100.0)
+    page = open(os.path.join(out, "report.md")).read()
+    assert "| Physics-IQ Verified | 100.00 |" in page and "| perspective-left | 2 |" in page
+    assert "physical variance" in page
+    # Errors are one line naming the problem.
+    assert cli.main(["eval", "physics-iq", "--release", os.path.dirname(release[0]),
+                     "--generated", generated, "--no-progress"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "did you mean" in error
+
+
+def test_generate_then_score_end_to_end(release, tmp_path, capsys):
+    import dataclasses
+
+    import ml_collections
+
+    from test_sampling import random_model
+    from vgpt_jax import checkpoint, cli
+
+    model = random_model(seed=5, latent_channels=12)
+    config = ml_collections.ConfigDict({"model": dataclasses.asdict(model.cfg),
+                                        "latent_space": {"kind": "space_to_depth", "downsample": 2}})
+    export = checkpoint.export_model(str(tmp_path / "export"), model, config)
+    out = str(tmp_path / "run")
+    argv = ["physics-iq", "generate", "--checkpoint", export, "--release", release[0], "--out", out,
+            "--seeds", "2", "--steps", "1", "--max-image-size", "16", "--no-progress"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("seed")] == ["seed 0", "seed 1"]
+    assert "2 seed(s): Physics-IQ original" in lines[-1] and "+-" in lines[-1]
+    videos = sorted(os.listdir(os.path.join(out, "seed-0")))
+    assert videos == sorted(f"{ids['take-1']}_{view}_{scene}.mp4" for (scene, view), ids in release[1].items())
+    frames = list(piq.read_frames(os.path.join(out, "seed-0", videos[0])))
+    assert len(frames) == N and frames[0].shape == (12, 16, 3)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert len(summary["runs"]) == 2 and summary["runs"][0] != summary["runs"][1]
+    # Resumable: finished videos are kept, a missing one is made again.
+    kept = os.path.join(out, "seed-1", videos[1])
+    stamp = os.path.getmtime(kept)
+    os.remove(os.path.join(out, "seed-1", videos[0]))
+    assert cli.main(argv) == 0
+    assert os.path.getmtime(kept) == stamp and os.path.exists(os.path.join(out, "seed-1", videos[0]))
+    assert json.load(open(os.path.join(out, "summary.json")))["runs"][0] == summary["runs"][0]
+    # Other settings in the same folder are refused.
+    assert cli.main(argv[:-1] + ["--guidance", "3", "--no-progress"]) == 1
+    assert "other settings" in capsys.readouterr().err

@@ -7,6 +7,8 @@
     vgpt train            train Video-GPT from a config file (resumable, sharded)
     vgpt sample           continue a video file with a checkpoint, write mp4
     vgpt eval             score a checkpoint on held-out videos against baselines
+    vgpt eval physics-iq  score generated videos on a Physics-IQ release (official numbers)
+    vgpt physics-iq       generate the Physics-IQ predictions from a checkpoint, then score them
     vgpt convert-official convert the released PyTorch weights
     vgpt plan             compile the train step / sampler for a TPU topology, print memory
 
@@ -30,7 +32,10 @@ COMMANDS = {
     "eval": "vgpt_jax.evaluate",
     "convert-official": "vgpt_jax.commands.convert_official",
     "plan": "vgpt_jax.commands.plan_tpu",
+    "physics-iq": "vgpt_jax.commands.physics_iq",
 }
+# `vgpt eval physics-iq ...` scores videos, not a checkpoint: it is `vgpt physics-iq score ...`.
+ALIASES = {("eval", "physics-iq"): ("physics-iq", "score")}
 
 
 # PCI vendor ids of the accelerators JAX has backends for: Google (TPU), NVIDIA, AMD.
@@ -71,6 +76,9 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if (command, rest[0] if rest else None) in ALIASES:
+        command, subcommand = ALIASES[(command, rest[0])]
+        rest = [subcommand, *rest[1:]]
     if command not in COMMANDS:
         print(f"vgpt: unknown command {command!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

@@ -577,14 +577,15 @@ def release_takes(testing_dir: str, fps: int) -> dict[tuple[str, str], dict[str,
     return out
 
 
-def _testing_dir(release_dir: str, fps: int) -> str:
-    testing = os.path.join(release_dir, "split-videos", "testing")
-    folder = os.path.join(testing, f"{fps}FPS")
+def split_dir(release_dir: str, part: str, fps: int) -> str:
+    """`{release}/split-videos/{part}/{fps}FPS` ('testing' or 'conditioning'); a clear
+    FileNotFoundError listing the frame rates the release has when it is absent."""
+    parent = os.path.join(release_dir, "split-videos", part)
+    folder = os.path.join(parent, f"{fps}FPS")
     if not os.path.isdir(folder):
-        have = sorted(d for d in os.listdir(testing) if d.endswith("FPS"))
-        raise FileNotFoundError(f"the generated videos are at {fps} FPS but the release has no "
-                                f"{folder} (it has: {', '.join(have) or 'nothing'}); write the "
-                                "videos at one of those rates")
+        have = sorted(d for d in os.listdir(parent) if d.endswith("FPS")) if os.path.isdir(parent) else []
+        raise FileNotFoundError(f"the release has no {part} videos at {fps} FPS ({folder}); it "
+                                f"has: {', '.join(have) or 'none'}. Use one of those rates")
     return folder
 
 
@@ -650,7 +651,7 @@ def find_release(release_dir: str, generated_dir: str, fps=None) -> Release:
     if fps is not None and parse_fps(fps) != detected:
         raise ValueError(f"fps={fps!r}, but the generated videos are at {detected} FPS; the "
                          "official scorer takes the rate from the generated videos")
-    testing_dir = _testing_dir(release_dir, detected)
+    testing_dir = split_dir(release_dir, "testing", detected)
     takes = release_takes(testing_dir, detected)
     generated, notes = _match_generated(names, takes, generated_dir, testing_dir)
     mask_dir = os.path.join(release_dir, "video-masks", "real", f"{detected}FPS")

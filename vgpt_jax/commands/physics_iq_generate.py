@@ -1,0 +1,163 @@
+"""Run the whole Physics-IQ benchmark from a checkpoint: predict, then score every seed.
+
+For each take-1 (scenario, view) of the release, the 3 s conditioning video
+(`split-videos/conditioning/{fps}FPS`) is read at the model's resolution (longer side
+--max-image-size, sides cropped to the latent patch multiple, as ingestion does) and the model
+predicts the next fps * 5 frames. Predictions are written as `{out}/seed-{k}/{id}_{view}_{scene}.mp4`
+(the scorer's naming) at the release frame rate; a video already there is kept, so a killed run
+resumes where it stopped. Every seed folder is then scored like `vgpt eval physics-iq`
+(`{out}/reports/seed-{k}/`), and `{out}/summary.{json,md}` holds one row per seed and the
+mean +- std (sample std, as the official aggregate_runs_from_csvs.py) of the unrounded scores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from vgpt_jax import sampling
+from vgpt_jax.eval import physics_iq
+
+CONDITIONING_SECONDS = 3
+
+
+def add_arguments(p: argparse.ArgumentParser, add_common) -> None:
+    p.add_argument("--checkpoint", required=True, help="model export folder (config.json + params/)")
+    add_common(p)
+    p.add_argument("--out", required=True, help="run folder: seed-*/ videos, reports/, summary")
+    p.add_argument("--seeds", type=int, default=4, help="independent runs (Verified asks for 4)")
+    p.add_argument("--seed", type=int, default=0, help="base of every run's sampling seeds")
+    p.add_argument("--fps", default="8", help="release frame rate to condition on and predict at")
+    p.add_argument("--max-image-size", type=int, default=320, help="longer side, px")
+    p.add_argument("--crop-multiple", type=int, default=None,
+                   help="center-crop sides to a multiple of this (default: VAE x patch factor)")
+    defaults = sampling.SamplerConfig()
+    p.add_argument("--clip-frames", type=int, default=24, help="frames per generated clip")
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--guidance", type=float, default=defaults.guidance)
+    p.add_argument("--window", type=int, default=defaults.window)
+
+
+def conditioning_videos(release: str, fps: int) -> list[tuple[str, str]]:
+    """[(conditioning video path, output name `{id}_{view}_{scene}.mp4`)] for every take-1
+    sample of the release, in the scorer's order."""
+    testing = physics_iq.split_dir(release, "testing", fps)
+    conditioning = physics_iq.split_dir(release, "conditioning", fps)
+    names = sorted(f for f in os.listdir(conditioning) if f.endswith(".mp4"))
+    out, missing = [], []
+    for (scene, view), ids in physics_iq.release_takes(testing, fps).items():
+        matches = [f for f in names if f.startswith(ids["take-1"] + "_")]
+        if len(matches) != 1:
+            missing.append(f"{ids['take-1']} ({view} {scene}): {len(matches)} files")
+            continue
+        out.append((os.path.join(conditioning, matches[0]), f"{ids['take-1']}_{view}_{scene}.mp4"))
+    if missing:
+        raise FileNotFoundError(f"{conditioning}: need exactly one conditioning video per take-1 "
+                                "id; " + "; ".join(missing[:8]))
+    return out
+
+
+def _check_settings(out_dir: str, settings: dict) -> None:
+    """Resuming with other settings would mix two runs in one folder: refuse it."""
+    path = os.path.join(out_dir, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            raise ValueError(f"{out_dir} holds a run with other settings ({changed}, as "
+                             "(before, now)); give a new --out to start another run")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=1)
+
+
+def _sample_seed(base: int, run: int, index: int) -> int:
+    """Independent sampling noise for every (run, video), stable across resumes."""
+    return int(np.random.SeedSequence([base, run, index]).generate_state(1)[0])
+
+
+def generate_seed(pipe, videos, folder: str, partial: str, run: int, args, fps: int,
+                  progress: bool) -> None:
+    """Write the missing predictions of one run into `folder` (each file lands atomically)."""
+    from tqdm import tqdm
+
+    from vgpt_jax.commands.sample import read_context
+    from vgpt_jax.data import video_io
+    from vgpt_jax.pipeline import split_frames
+
+    os.makedirs(folder, exist_ok=True)
+    crop = args.crop_multiple or pipe.latent_space.downsample * pipe.model.cfg.patch_size
+    clips = split_frames(fps * physics_iq.SECONDS, args.clip_frames)
+    todo = [(i, path, name) for i, (path, name) in enumerate(videos)
+            if not os.path.exists(os.path.join(folder, name))]
+    for index, path, name in tqdm(todo, desc=f"seed {run}", unit="video", disable=not progress):
+        context, context_fps = read_context(path, 1, args.max_image_size, crop, None)
+        if abs(context_fps - fps) > 1e-3:
+            raise ValueError(f"{path}: {context_fps:g} FPS, but the {fps}FPS folder was asked for")
+        if len(context) < CONDITIONING_SECONDS * fps - 1:
+            raise ValueError(f"{path}: {len(context)} frames, shorter than the "
+                             f"{CONDITIONING_SECONDS} s conditioning ({CONDITIONING_SECONDS * fps})")
+        out = pipe.predict(context, clip_sizes=clips, steps=args.steps, guidance=args.guidance,
+                           window=args.window, seed=_sample_seed(args.seed, run, index))
+        temp = video_io.write_video(os.path.join(partial, name), out.frames, fps)
+        os.replace(temp, os.path.join(folder, name))
+
+
+def summary_markdown(rows: list[dict], stats: dict) -> str:
+    lines = ["# Physics-IQ over seeds", "", "| run | Original | Verified |", "|---|---|---|"]
+    lines += [f"| seed {r['seed']} | {r['original']:.2f} | {r['verified']:.2f} |" for r in rows]
+    lines.append(f"| mean +- std | {stats['original']} | {stats['verified']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: list[float]) -> str:
+    values = 100 * np.asarray(values)
+    if len(values) < 2:
+        return f"{values.mean():.2f}"
+    return f"{values.mean():.2f} +- {values.std(ddof=1):.2f}"
+
+
+def run(args) -> int:
+    from vgpt_jax.commands.physics_iq import score_folder
+    from vgpt_jax.pipeline import Pipeline
+
+    fps = physics_iq.parse_fps(args.fps)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds={args.seeds}: must be >= 1")
+    videos = conditioning_videos(args.release, fps)
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
+    pipe = Pipeline.from_checkpoint(args.checkpoint)
+    if pipe.latent_space is None:
+        raise ValueError(f"checkpoint {args.checkpoint!r} has no latent_space section; Physics-IQ "
+                         "needs pixels")
+    settings = {k: getattr(args, k) for k in ("seed", "max_image_size", "crop_multiple",
+                                              "clip_frames", "steps", "guidance", "window")}
+    settings.update(fps=fps, checkpoint=os.path.abspath(args.checkpoint),
+                    release=os.path.abspath(args.release))
+    _check_settings(args.out, settings)
+    partial = os.path.join(args.out, ".partial")
+    os.makedirs(partial, exist_ok=True)
+    rows = []
+    for k in range(args.seeds):
+        folder = os.path.join(args.out, f"seed-{k}")
+        generate_seed(pipe, videos, folder, partial, k, args, fps, not args.no_progress)
+        result = score_folder(args.release, folder, os.path.join(args.out, "reports", f"seed-{k}"),
+                              fps=fps, descriptions=args.descriptions,
+                              progress=not args.no_progress)
+        rows.append({"seed": k, "original": result["original"], "verified": result["verified"],
+                     **result["fractions"]})
+        print(f"seed {k}: Physics-IQ original {result['original']:.2f}, "
+              f"Verified {result['verified']:.2f}")
+    stats = {"original": _mean_std([r["final_score_orig"] for r in rows]),
+             "verified": _mean_std([r["final_score_view"] for r in rows])}
+    print(f"{args.seeds} seed(s): Physics-IQ original {stats['original']}, "
+          f"Verified {stats['verified']}")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"settings": settings, "runs": rows, "mean_std": stats}, f, indent=1)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(summary_markdown(rows, stats))
+    return 0
