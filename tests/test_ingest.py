@@ -105,6 +105,79 @@ def test_bad_files_reported_by_name_and_others_ingested(tmp_path):
     assert len(store) == 1 and store[0]["latents"].shape == (12, 16, 20, 192)
 
 
+def test_dangling_symlink_is_a_bad_file(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _synthetic(folder / "good.mp4")
+    os.symlink(tmp_path / "moved_away.mp4", folder / "dangling.mp4")
+    summary = ingest_folder(folder, tmp_path / "s", "space_to_depth:8", progress=False)
+    assert summary["ingested"] == ["good.mp4"]
+    [entry] = summary["skipped"]["corrupt"]
+    assert entry["file"] == "dangling.mp4" and "dangling symlink" in entry["reason"]
+
+
+def test_truncation_is_judged_by_time_not_by_declared_count():
+    # A real file that declares 533 frames and decodes 479 spanning its whole duration is whole.
+    assert video_io.truncation(479, 533, end_s=21.3, duration_s=21.32) is None
+    assert "frames end at 10.00 s of a declared 21.32 s" in video_io.truncation(
+        250, 533, end_s=10.0, duration_s=21.32)
+    # Without timestamps or a duration only the count is left, with a wide margin.
+    assert video_io.truncation(479, 533, end_s=0.0, duration_s=0.0) is None
+    assert video_io.truncation(300, 533, end_s=0.0, duration_s=0.0) == "decoded 300 of 533 declared frames"
+
+
+def _descendants(pid: int) -> set[int]:
+    """PIDs of the living processes below `pid` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if name.isdigit() and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_sigkill_of_prepare_leaves_no_worker_behind(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        _synthetic(folder / f"clip{i}.mp4", frames=8, seed=i)
+    env = dict(os.environ, **{ingest._DELAY_ENV: "1.0"}, PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "vgpt_jax", "prepare", "--input", str(folder),
+                             "--output", str(tmp_path / "out"), "--num-workers", "2",
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    work, deadline = tmp_path / "out" / ingest.WORK_DIR, time.time() + 60
+    while time.time() < deadline and not (work.is_dir() and any(
+            name.endswith(".rec") for name in os.listdir(work))):
+        time.sleep(0.05)
+    workers = _descendants(proc.pid)
+    assert len(workers) >= 2, "the decode workers never started"  # + the resource tracker
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)], "processes of the killed run are still alive"
+
+
 def _audio_only(path):
     """A real MP4 container holding one AAC audio stream and no video."""
     import av

@@ -168,6 +168,19 @@ def load_video_frames(path: str, config: IngestConfig) -> tuple[np.ndarray, floa
     return np.ascontiguousarray(frames), info.fps, meta
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Decode-worker initializer: exit as soon as the ingesting process is gone. A SIGKILLed
+    parent runs no cleanup, so its workers would live on, blocked writing decoded frames to a
+    pipe nobody reads (and keeping multiprocessing's resource tracker alive with them)."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent_pid:  # re-parented once the parent has died
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _decode_job(path: str, rel: str, config: IngestConfig):
     """Worker-process entry point: never raises, so one bad file cannot take down the pool."""
     try:
@@ -185,7 +198,11 @@ def _decode_job(path: str, rel: str, config: IngestConfig):
 
 def _journal_key(input_dir: str, rel: str) -> str:
     # Size and mtime are part of the key: a file replaced between runs is re-ingested, not reused.
-    stat = os.stat(os.path.join(input_dir, rel))
+    path = os.path.join(input_dir, rel)
+    try:
+        stat = os.stat(path)
+    except OSError:  # a dangling symlink: key it by the link, and let decoding report it
+        stat = os.lstat(path)
     digest = hashlib.sha1(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}".encode("utf-8")).hexdigest()[:16]
     readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(rel))[:48]
     return f"{digest}-{readable}"
@@ -297,7 +314,9 @@ def ingest_folder(input_dir: str, output: str, latent_space="space_to_depth:8", 
     if num_workers > 0 and pending:
         # spawn, not fork: the parent may hold JAX/XLA threads, which fork does not survive.
         ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
+        with cf.ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx,
+                                    initializer=_exit_with_parent,
+                                    initargs=(os.getpid(),)) as pool:
             queue = list(reversed(pending))
             in_flight: set = set()
             while queue or in_flight:
