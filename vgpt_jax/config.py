@@ -258,7 +258,11 @@ def get_train_config(model: str = "tiny") -> ml_collections.ConfigDict:
         worker_count=0,          # grain mp_prefetch worker processes (0: in the main process)
         worker_buffer_size=2,
         read_threads=2,
-        prefetch_buffer_size=4))
+        prefetch_buffer_size=4,
+        # The store's latent normalisation ({"shift": [C], "scale": [C]}; None: raw latents),
+        # recorded from the store's manifest at start-up so every checkpoint and export carries
+        # it (vgpt_jax.vae.latent_space.LatentNormalization).
+        latent_normalization=ml_collections.config_dict.placeholder(dict)))
     cfg.checkpoint = ml_collections.ConfigDict(dict(
         save_interval_steps=1000, max_to_keep=3, async_save=True, save_on_preemption=True,
         init_from=""))           # previous stage's workdir or model export: params only

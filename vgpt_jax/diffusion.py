@@ -68,10 +68,19 @@ def sample_clip_times(rng, clip_ids_BF, cfg: ObjectiveConfig):
 def make_training_inputs(latents_BFhwc, clip_ids_BF, rng, cfg: ObjectiveConfig,
                          block_len: int) -> TrainingInputs:
     """Noise a batch and lay it out as the training sequence (pure; `rng` is a PRNG key)."""
+    k_t, *noise_keys = jax.random.split(rng, 4)
+    t = sample_clip_times(k_t, clip_ids_BF, cfg)
+    return noised_inputs(latents_BFhwc, clip_ids_BF, t, noise_keys, cfg, block_len)
+
+
+def noised_inputs(latents_BFhwc, clip_ids_BF, t_BF, noise_keys, cfg: ObjectiveConfig,
+                  block_len: int) -> TrainingInputs:
+    """The training sequence at given noise levels `t_BF` (one per frame, equal within a clip);
+    `noise_keys`: three PRNG keys (noisy copy, context level, context noise)."""
     x1 = latents_BFhwc.astype(jnp.float32)
     b, f = x1.shape[:2]
-    k_t, k_eps, k_ctx, k_ctx_eps = jax.random.split(rng, 4)
-    t = sample_clip_times(k_t, clip_ids_BF, cfg)
+    t = jnp.broadcast_to(jnp.asarray(t_BF, jnp.float32), (b, f))
+    k_eps, k_ctx, k_ctx_eps = noise_keys
     bcast = lambda a: a[:, :, None, None, None]
     eps = jax.random.normal(k_eps, x1.shape)
     noisy = bcast(t) * x1 + (1 - bcast(t)) * eps
@@ -105,3 +114,18 @@ def loss(model: VideoGPT, batch: dict, rng, cfg: ObjectiveConfig = ObjectiveConf
         / jnp.maximum((~first_clip).sum(), 1),
     }
     return value, metrics
+
+
+def denoising_error(model: VideoGPT, latents_BFhwc, clip_ids_BF, t, rng,
+                    cfg: ObjectiveConfig = ObjectiveConfig()):
+    """Per-frame x1 MSE `[B, F]` when every clip is noised to level `t` (a scalar or `[B, F]`),
+    under the training layout: what the loss sees, at a chosen t instead of a random one.
+
+    Evaluation uses it to ask whether a model reads its history: the error of the last clip with
+    the true history, with another video's history, and with none (`evaluate.history_usage`).
+    """
+    block_len = block_len_for(model.cfg, *latents_BFhwc.shape[2:4])
+    inputs = noised_inputs(latents_BFhwc, clip_ids_BF, t, jax.random.split(rng, 3), cfg,
+                           block_len)
+    pred = model(inputs.blocks_BNhwc, inputs.t_BN, inputs.layout, output_blocks=slice(0, None, 2))
+    return jnp.mean((pred - inputs.target_BFhwc) ** 2, axis=(2, 3, 4))

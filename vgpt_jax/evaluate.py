@@ -21,9 +21,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vgpt_jax.eval import balls as balls_lib
 from vgpt_jax.eval import metrics as metrics_lib
 from vgpt_jax.eval import physics_iq
 from vgpt_jax.vae.latent_space import LatentSpace
+
+HISTORY_TS = (0.0, 0.5, 0.8)  # noise levels at which `history_usage` measures the x1 error
 
 
 @dataclasses.dataclass
@@ -32,6 +35,7 @@ class HeldOutVideo:
     frames: np.ndarray                   # uint8 [T, H, W, 3], T >= context + predict
     second_take: np.ndarray | None = None  # uint8 [T, H, W, 3]: same start, tiny perturbation
     fps: float = 16.0
+    balls: balls_lib.Balls | None = None   # the true balls of `frames` (physics world)
 
 
 def copy_last_frame(context_FHW3: np.ndarray, n: int) -> np.ndarray:
@@ -114,6 +118,60 @@ def physics_iq_scores(predictions: dict[str, np.ndarray], videos, context_frames
     return out
 
 
+def ball_scores(predictions: dict[str, np.ndarray], videos, context_frames) -> dict:
+    """Ball position error (px), detection rate and colour error per method
+    (`eval.balls.score`), for videos that know their balls; {} otherwise."""
+    if any(v.balls is None for v in videos):
+        return {}
+    n = next(iter(predictions.values())).shape[1]
+    out = {}
+    for name, pred in predictions.items():
+        rows = [balls_lib.score(p, v.balls.frames(context_frames, context_frames + n))
+                for v, p in zip(videos, pred)]
+        out[name] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return out
+
+
+def history_usage(pipeline, videos, context_frames: int, predict_frames: int, *,
+                  ts=HISTORY_TS, draws: int = 4, seed: int = 0) -> dict:
+    """Does the model read its history? The x1 error (latent MSE) of the predicted frames at
+    noise levels `ts`, with the true context, with another video's context (the batch rolled
+    by one) and with no context (the frames as a first clip), averaged over videos and `draws`
+    noise draws (`diffusion.denoising_error`). A model that ignores its history has three equal
+    columns; `gain` is no-context error over true-context error."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from vgpt_jax import diffusion
+    space = pipeline.latent_space
+    c, p = context_frames, predict_frames
+    z = np.stack([space.encode(v.frames[:c + p]) for v in videos])
+    graphdef, state = nnx.split(pipeline.model)
+
+    @jax.jit
+    def error(state, latents, clip_ids, t, rng):
+        return diffusion.denoising_error(nnx.merge(graphdef, state), latents, clip_ids, t, rng)
+
+    b = len(videos)
+    with_history = jnp.asarray(np.repeat([[0] * c + [1] * p], b, 0))
+    alone = jnp.zeros((b, p), jnp.int32)
+    contexts = {"true_context": z, "other_context": np.concatenate(
+        [np.roll(z[:, :c], 1, axis=0), z[:, c:]], axis=1)}
+    rows = {}
+    for t in ts:
+        sums = {"true_context": 0.0, "other_context": 0.0, "no_context": 0.0}
+        for d in range(draws):
+            key = jax.random.key(seed * 1000 + d)
+            for name, latents in contexts.items():
+                sums[name] += float(error(state, latents, with_history, t, key)[:, c:].mean())
+            sums["no_context"] += float(error(state, z[:, c:], alone, t, key).mean())
+        row = {k: v / draws for k, v in sums.items()}
+        row["gain"] = row["no_context"] / max(row["true_context"], 1e-12)
+        rows[f"{t:g}"] = row
+    return rows
+
+
 def grid(context_FHW3, predictions: dict[str, np.ndarray], truth_THW3, gap=2) -> np.ndarray:
     """`context | method... | ground truth` panels over time: uint8 [C + P, H, W', 3].
 
@@ -141,12 +199,28 @@ def markdown_report(report: dict) -> str:
               "| method | MSE | PSNR (dB) | SSIM |" + (" Physics-IQ | Physics-IQ verified |"
                                                      if report["physics_iq"] else ""),
               "|---|---|---|---|" + ("---|---|" if report["physics_iq"] else "")]
+    balls = report.get("balls") or {}
+    if balls:
+        lines[-2] += " ball position error (px) | balls detected | ball colour error |"
+        lines[-1] += "---|---|---|"
     for name, m in report["metrics"].items():
         row = f"| {name} | {m['mse']:.5f} | {m['psnr']:.2f} | {m['ssim']:.4f} |"
         if report["physics_iq"]:
             piq = report["physics_iq"][name]
             row += f" {piq['original']:.2f} | {piq['verified']:.2f} |"
+        if balls:
+            bm = balls[name]
+            row += (f" {bm['position_error_px']:.2f} | {100 * bm['detection_rate']:.0f}% |"
+                    f" {bm['color_error']:.3f} |")
         lines.append(row)
+    if report.get("history"):
+        lines += ["", "History use: x1 error (latent MSE) of the predicted frames at noise "
+                  "level t, by context", "",
+                  "| t | true context | another video's context | no context | gain |",
+                  "|---|---|---|---|---|"]
+        for t, h in report["history"].items():
+            lines.append(f"| {t} | {h['true_context']:.4f} | {h['other_context']:.4f} | "
+                         f"{h['no_context']:.4f} | {h['gain']:.2f} |")
     if report.get("fvd"):
         lines += ["", "FVD: " + ", ".join(f"{k} {v:.1f}" for k, v in report["fvd"].items())]
     return "\n".join(lines) + "\n"
@@ -155,8 +229,10 @@ def markdown_report(report: dict) -> str:
 def evaluate(pipeline, videos: Sequence[HeldOutVideo], *, context_frames: int,
              predict_frames: int, clip_frames: int | None = None, steps: int = 50,
              guidance: float = 1.5, seed: int = 0, fvd: bool = False, mean_row: bool = True,
-             progress=None) -> tuple[dict, dict[str, np.ndarray]]:
-    """Run the model and the baselines on `videos`; returns (report, predictions by method)."""
+             history: bool = True, progress=None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Run the model and the baselines on `videos`; returns (report, predictions by method).
+
+    `history`: also measure how much the model uses its context (`history_usage`)."""
     check_videos(videos, context_frames, predict_frames)
     space = pipeline.latent_space
     if space is None:
@@ -182,7 +258,11 @@ def evaluate(pipeline, videos: Sequence[HeldOutVideo], *, context_frames: int,
                      "seed": seed},
         "metrics": score(predictions, truth),
         "physics_iq": physics_iq_scores(predictions, videos, context_frames),
+        "balls": ball_scores(predictions, videos, context_frames),
     }
+    if history:
+        report["history"] = history_usage(pipeline, videos, context_frames, predict_frames,
+                                          seed=seed)
     if fvd:
         from vgpt_jax.eval import fvd as fvd_lib
         report["fvd"] = {name: float(fvd_lib.fvd(pred, truth)) for name, pred in predictions.items()}

@@ -113,17 +113,32 @@ class Pipeline:
     def from_checkpoint(cls, directory: str, *, latent_space: LatentSpace | str | None = AUTO,
                         shardings=None) -> "Pipeline":
         """Load a model export; the latent space is the argument, or with "auto" the config's
-        optional `latent_space` section (`configured_latent_space`), or None: latents only."""
+        optional `latent_space` section (`configured_latent_space`), or None: latents only.
+
+        The model's latent normalisation (`data.latent_normalization`, recorded from its
+        training store) is applied to a raw latent space; a space normalised otherwise is
+        refused.
+        """
+        from vgpt_jax.vae import latent_space as ls
         model, config = checkpoint.load_model(directory, shardings)
         if isinstance(latent_space, str) and latent_space == AUTO:
             latent_space = configured_latent_space(directory, config)
+        ours = ls.normalization_of(config.get("data", {}).get("latent_normalization"))
+        if latent_space is not None:
+            given = ls.normalization_of(latent_space)
+            if given is None:
+                latent_space = ls.with_normalization(latent_space, ours)
+            else:
+                ls.check_same_normalization(ours, given, f"the model in {directory!r}",
+                                            "the latent space given")
         return cls(model, latent_space, config)
 
     @classmethod
     def from_pretrained(cls, name_or_directory: str, *, cache_dir: str | None = None,
                         dtype: str = "bfloat16", rope_factor_rule: str = "official",
-                        weights: str | None = None, prediction_type: str | None = None,
-                        vae: str | None = None, latent_space: LatentSpace | str | None = AUTO,
+                        weights: str | None = None, lora: str | None = None,
+                        prediction_type: str | None = None, vae: str | None = None,
+                        latent_space: LatentSpace | str | None = AUTO,
                         shardings=None) -> "Pipeline":
         """A vgpt_jax export (as `from_checkpoint`), or the released weights: an official
         checkpoint folder (or its `transformer/` subfolder) or hub repo id

@@ -295,6 +295,21 @@ def _check_latents(source, name: str, model_cfg: ModelConfig, data_cfg) -> None:
                          f"{tokens} tokens, over model.max_seq_len={model_cfg.max_seq_len}")
 
 
+def _adopt_normalization(config, source, name: str) -> None:
+    """Record the store's latent normalisation in `config.data.latent_normalization` (so
+    checkpoints and exports carry it), or refuse a store whose normalisation differs from the
+    one the config already names (a model trained on other latents)."""
+    from vgpt_jax.vae import latent_space as ls
+    if not hasattr(source, "normalization"):  # an in-memory source: its latents are as given
+        return
+    ours = ls.normalization_of(config.data.get("latent_normalization"))
+    if ours is None and source.normalization is not None:
+        config.data.latent_normalization = source.normalization.to_dict()
+        return
+    ls.check_same_normalization(ours, source.normalization, "config data.latent_normalization",
+                                f"latent store {name!r}")
+
+
 def _check_batch(cfg, mesh, rules) -> None:
     b, accum = int(cfg.data.global_batch_size), int(cfg.optim.grad_accum_steps)
     shards = shard_lib.batch_shards(mesh, rules)
@@ -348,6 +363,7 @@ def build(config, data_source=None, devices=None) -> Setup:
     source = data_source if data_source is not None else input_pipeline.open_source(config.data.store)
     name = config.data.store or type(source).__name__
     _check_latents(source, name, model_cfg, config.data)
+    _adopt_normalization(config, source, name)
 
     tx, schedule = optim.make_optimizer(config.optim, int(config.train.steps))
     graphdef, abstract = abstract_state(model_cfg, tx, mesh, rules)
@@ -379,6 +395,8 @@ def initial_state(run: Setup, ckpt: ckpt_lib.TrainCheckpointer, data_iter, *,
     for step in ckpt.all_steps():
         where = ckpt.step_dir(step)
         try:
+            # A model trained on other latents never resumes, whatever allow_config_change says.
+            _check_resume_normalization(run.config, ckpt, step)
             ckpt_lib.check_resume_config(ckpt.restore_config(step), run.config, where,
                                          allow_config_change)
             params, aux = ckpt.restore(step, abstract.params, abstract.aux(), data_iter)
@@ -400,9 +418,24 @@ def initial_state(run: Setup, ckpt: ckpt_lib.TrainCheckpointer, data_iter, *,
             "checkpoints/ to start over")
     init_from, params = run.config.checkpoint.init_from, None
     if init_from:
+        _check_same_data_normalization(run.config, ckpt_lib.resolve_params(init_from)[1],
+                                       f"checkpoint.init_from {init_from!r}")
         params = ckpt_lib.load_params(init_from, run.model_cfg, shardings_of(abstract.params))
         log.info("initialised params from %s", init_from)
     return run.init(params), 0
+
+
+def _check_same_data_normalization(config, other_config, other_name: str) -> None:
+    from vgpt_jax.vae import latent_space as ls
+    theirs = other_config.get("data", {}).get("latent_normalization")
+    ls.check_same_normalization(ls.normalization_of(theirs),
+                                ls.normalization_of(config.data.get("latent_normalization")),
+                                other_name, f"the data of this run ({config.data.store or 'source'})")
+
+
+def _check_resume_normalization(config, ckpt, step: int) -> None:
+    _check_same_data_normalization(config, ckpt.restore_config(step),
+                                   f"checkpoint step {step} in {ckpt.directory}")
 
 
 def train(config, workdir: str, data_source=None, *, on_step=None, devices=None,
@@ -437,6 +470,7 @@ def train(config, workdir: str, data_source=None, *, on_step=None, devices=None,
     last, preempted, step = {}, False, start
     last_finite = start  # the newest step whose whole state was checked finite (saves check it)
     t_last, step_last, seq_len = time.perf_counter(), start, None
+    history_window = jnp.zeros(2)
     try:
         while step < total:
             batch = run.global_batch_of(next(data_iter))
@@ -444,6 +478,8 @@ def train(config, workdir: str, data_source=None, *, on_step=None, devices=None,
                 _, f, h, w, _ = batch["latents"].shape
                 seq_len = 2 * f * block_len_for(model_cfg, h, w)
             state, metrics = run.step_fn(state, batch)
+            history_window = history_window + jnp.stack(
+                [metrics["loss_first_clip"], metrics["loss_with_history"]])
             step += 1
             if on_step is not None:
                 on_step(step, metrics)
@@ -451,6 +487,11 @@ def train(config, workdir: str, data_source=None, *, on_step=None, devices=None,
             save = preempted or step % interval == 0 or step == total
             if save or step % log_every == 0:
                 scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                # First-clip loss over with-history loss, summed over the steps since the last
+                # log: above 1 when the model reads its history (one batch alone is too noisy).
+                first, with_history = (float(v) for v in jax.device_get(history_window))
+                scalars["history_gain"] = first / max(with_history, 1e-12)
+                history_window = jnp.zeros(2)
                 for key, other in (("loss", "grad_norm"), ("grad_norm", "loss")):
                     if not np.isfinite(scalars[key]):
                         _stop_non_finite(f"non-finite {key} {scalars[key]} at step {step} "

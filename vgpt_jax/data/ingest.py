@@ -109,6 +109,23 @@ def describe_latent_space(space, spec=None) -> str:
     return f"{type(space).__name__}(downsample={space.downsample}, channels={space.channels})"
 
 
+def measure_normalization(space, videos_THW3: Iterable[np.ndarray], mode: str, max_frames: int,
+                          encode_batch: int = 16):
+    """`LatentNormalization.measure` over the raw latents of the first `max_frames` frames of
+    `videos_THW3` (uint8 `[T, H, W, 3]` each), encoded by `space` without any normalisation."""
+    from vgpt_jax.vae.latent_space import LatentNormalization, raw_space
+    base, parts, count = raw_space(space), [], 0
+    for frames in videos_THW3:
+        if count >= max_frames:
+            break
+        part = encode_in_batches(base, np.asarray(frames)[:max_frames - count], encode_batch)
+        parts.append(part)
+        count += len(part)
+    if not parts:
+        raise ValueError("latent normalization: no frames to measure statistics on")
+    return LatentNormalization.measure(np.concatenate(parts), mode)
+
+
 def encode_in_batches(space, frames_THW3: np.ndarray, batch: int, dtype=np.float32) -> np.ndarray:
     """uint8 `[T, H, W, 3]` -> `[T, H/d, W/d, C]` in `dtype`, `batch` frames per encode call.
 
@@ -393,20 +410,34 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def ingest_arrays(items: Iterable[tuple[np.ndarray, float, str]], output: str, latent_space="space_to_depth:1",
                   *, frame_stride: int = 1, num_shards: int = 1, dtype: str = "float16", encode_batch: int = 16,
-                  overwrite: bool = False, settings: dict[str, Any] | None = None) -> store_lib.LatentStore:
+                  overwrite: bool = False, settings: dict[str, Any] | None = None,
+                  normalize: str = "none", normalize_sample_frames: int = 4096) -> store_lib.LatentStore:
     """In-memory ingestion: `(frames uint8 [T, H, W, 3], fps, name)` triples -> an open LatentStore.
 
     Frames are used at their size (no resize or crop; H and W must be multiples of the space's
     downsample). Used by the physics world and tests; no video files are involved.
+    `normalize` ("none", "shift", "shift_scale"; see `LatentNormalization.measure`): latents are
+    normalised by statistics of the first `normalize_sample_frames` frames, which the manifest
+    records (`LatentStore.normalization`); a `LatentNormalization` is used as given (a model's,
+    to make more data for it).
     """
     space = make_latent_space(latent_space)
     description = describe_latent_space(space, latent_space)
     all_settings = {"source": "arrays", "frame_stride": frame_stride, "latent_space": description,
-                    "downsample": int(space.downsample), "channels": int(space.channels), **(settings or {})}
+                    "downsample": int(space.downsample), "channels": int(space.channels),
+                    "normalize": normalize if isinstance(normalize, str) else "given",
+                    **(settings or {})}
+    from vgpt_jax.vae.latent_space import LatentNormalization, with_normalization
+    items = [(np.asarray(frames)[::frame_stride], fps, name) for frames, fps, name in items]
+    normalization = normalize if isinstance(normalize, LatentNormalization) else None
+    if normalization is None and normalize != "none":
+        normalization = measure_normalization(space, (frames for frames, _, _ in items), normalize,
+                                              normalize_sample_frames, encode_batch)
+        space = with_normalization(space, normalization)
     with store_lib.StoreWriter(output, num_shards=num_shards, dtype=dtype, latent_space=description,
-                               settings=all_settings, overwrite=overwrite) as writer:
+                               settings=all_settings, overwrite=overwrite,
+                               normalization=normalization) as writer:
         for frames, fps, name in items:
-            frames = np.asarray(frames)[::frame_stride]
             space.check_frames(frames, what=name)
             latents = encode_in_batches(space, frames, encode_batch, store_lib.STORAGE_DTYPES[dtype])
             writer.add(latents, fps=fps / frame_stride, source=name, num_frames=len(frames),

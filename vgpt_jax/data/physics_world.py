@@ -58,6 +58,13 @@ class PhysicsClip:
     radii: np.ndarray        # float64 [n]
     masses: np.ndarray       # float64 [n]
     params: dict             # scenario constants (gravity, pivot, rod lengths, angles)
+    colors: np.ndarray | None = None  # float64 [n, 3], RGB in [0, 255] as rendered
+
+    def pixel_positions(self) -> np.ndarray:
+        """Body centres in pixel coordinates `[T, n, 2]` as (x, y), y down; pixel (i, j)'s
+        centre is (i + 0.5, j + 0.5)."""
+        size = self.frames.shape[1]
+        return np.stack([self.positions[..., 0] * size, (1.0 - self.positions[..., 1]) * size], -1)
 
 
 # ----------------------------------------------------------------------------- balls
@@ -341,7 +348,7 @@ def make_dataset(num_videos: int, num_frames: int = 32, size: int = 64, seed: in
             clips[(index, take)] = PhysicsClip(
                 name=f"{split}-{index:05d}-{scenario}-take{take}", scenario=scenario, seed=s, take=take,
                 fps=config.fps, frames=frames[b], positions=pos[b], velocities=vel[b], radii=radii[b],
-                masses=masses[b], params=params[b])
+                masses=masses[b], params=params[b], colors=colors[b])
     return [clips[key] for key in sorted(clips)]
 
 

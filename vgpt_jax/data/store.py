@@ -118,7 +118,7 @@ class StoreWriter:
     """
 
     def __init__(self, path: str, *, num_shards: int = 1, dtype: str = "float16", latent_space: str = "",
-                 settings: Mapping[str, Any] | None = None, overwrite: bool = False):
+                 settings: Mapping[str, Any] | None = None, overwrite: bool = False, normalization=None):
         from array_record.python.array_record_module import ArrayRecordWriter
 
         if num_shards < 1:
@@ -134,6 +134,8 @@ class StoreWriter:
             os.remove(manifest_path)  # first, so a crash below never leaves a stale "complete" marker
         self.num_shards, self.dtype, self.latent_space = num_shards, dtype, latent_space
         self.settings = dict(settings or {})
+        # A vae.latent_space.LatentNormalization the latents were normalised with, or None.
+        self.normalization = normalization
         self._names = [shard_name(i, num_shards) for i in range(num_shards)]
         self._tmp_paths = [os.path.join(self.path, n + ".tmp") for n in self._names]
         self._writers = [ArrayRecordWriter(p, WRITER_OPTIONS) for p in self._tmp_paths]
@@ -180,6 +182,7 @@ class StoreWriter:
             "num_videos": self._num_records,
             "storage_dtype": self.dtype,
             "latent_space": self.latent_space,
+            "normalization": self.normalization.to_dict() if self.normalization else None,
             "latent_shape": {  # [F, h, w, C]; F and h, w vary per video
                 "channels": sorted({int(c) for c in shapes[:, 3]}),
                 "height": sorted({int(h) for h in shapes[:, 1]}),
@@ -260,6 +263,12 @@ class LatentStore:
         if verify_shards:
             for s in range(len(self.shards)):
                 self._reader(s)
+
+    @property
+    def normalization(self):
+        """The `LatentNormalization` the stored latents carry (None: the space's raw latents)."""
+        from vgpt_jax.vae.latent_space import normalization_of
+        return normalization_of(self.manifest)
 
     def _shard_path(self, shard: int) -> str:
         return os.path.join(self.path, self.shards[shard])

@@ -4,6 +4,17 @@ A latent space maps uint8 RGB frames `[N, H, W, 3]` to float latents `[N, H/d, W
 where `d = downsample` and `C = channels`. Latents are already scaled for the diffusion model
 (for a VAE: `(z - shift_factor) * scaling_factor`, as diffusers pipelines do).
 
+Latent normalisation (`LatentNormalization`): diffusion learns fastest on latents that are centred
+with a known scale (SDXL's VAE carries a `scaling_factor`, newer VAEs a `shift_factor`, for this
+reason). A space's raw latents may be far from that: space-to-depth latents of a dark video have
+mean -0.77 and std 0.24, so the noise of x_t = t x1 + (1 - t) eps swamps the signal at most t and
+the clean history's context noise hides the small moving details a world model must read. A
+per-channel shift and an optional scale, measured once over a sample of the data at ingestion,
+wrap any space (`NormalizedSpace`): applied on encode, undone on decode. The normalisation is
+recorded in the latent store's manifest and in every checkpoint and export (the config's
+`latent_space.normalization`), and training and sampling refuse a store and a model whose
+normalisations disagree (`check_same_normalization`).
+
 Implementations:
 - `SpaceToDepth`: pixels as latents (no learning), for tests and tiny demos; round-trips exactly.
 - `AutoencoderKLSpace` (in `vgpt_jax.vae.autoencoder_kl`): the diffusers AutoencoderKL in NNX,
@@ -12,6 +23,8 @@ Implementations:
 from __future__ import annotations
 
 import abc
+import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -70,9 +83,145 @@ class SpaceToDepth(LatentSpace):
         return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+NORMALIZE_MODES = ("none", "shift", "shift_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentNormalization:
+    """The affine map from a space's raw latents to the model's: `z_model = (z_raw - shift) / scale`.
+
+    `shift` and `scale` hold one value per latent channel (C floats each).
+    """
+    shift: tuple[float, ...]
+    scale: tuple[float, ...]
+
+    def __post_init__(self):
+        if len(self.shift) != len(self.scale):
+            raise ValueError(f"latent normalization: {len(self.shift)} shift values but "
+                             f"{len(self.scale)} scale values (one per channel each)")
+        values = np.asarray(self.shift + self.scale, np.float64)
+        if not np.all(np.isfinite(values)) or min(self.scale, default=1.0) <= 0:
+            raise ValueError("latent normalization: shift must be finite and scale finite and > 0")
+
+    @property
+    def channels(self) -> int:
+        return len(self.shift)
+
+    @classmethod
+    def measure(cls, latents_NhwC: np.ndarray, mode: str = "shift",
+                per_channel: bool = True) -> "LatentNormalization":
+        """Statistics of a sample of raw latents `[..., C]`.
+
+        `mode`: "shift" centres (scale 1); "shift_scale" also divides by the standard deviation
+        (per channel, or of all channels together when `per_channel=False`); "none" is the
+        identity. The shift is per channel unless `per_channel=False`.
+        """
+        if mode not in NORMALIZE_MODES:
+            raise ValueError(f"latent normalization mode {mode!r}: expected one of {NORMALIZE_MODES}")
+        z = np.asarray(latents_NhwC, np.float64)
+        z = z.reshape(-1, z.shape[-1])
+        c = z.shape[-1]
+        if not len(z):
+            raise ValueError("latent normalization: no latents to measure")
+        if mode == "none":
+            return cls.identity(c)
+        shift = z.mean(0) if per_channel else np.full(c, z.mean())
+        scale = np.ones(c)
+        if mode == "shift_scale":
+            centred = z - shift
+            scale = centred.std(0) if per_channel else np.full(c, centred.std())
+            scale = np.maximum(scale, 1e-6)  # a constant channel stays finite
+        return cls(tuple(float(v) for v in shift), tuple(float(v) for v in scale))
+
+    @classmethod
+    def identity(cls, channels: int) -> "LatentNormalization":
+        return cls((0.0,) * channels, (1.0,) * channels)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "LatentNormalization":
+        return cls(tuple(float(v) for v in d["shift"]), tuple(float(v) for v in d["scale"]))
+
+    def to_dict(self) -> dict:
+        return {"shift": list(self.shift), "scale": list(self.scale)}
+
+    def normalize(self, z_raw: np.ndarray) -> np.ndarray:
+        return ((np.asarray(z_raw, np.float32) - np.float32(self.shift))
+                / np.float32(self.scale)).astype(np.float32)
+
+    def denormalize(self, z: np.ndarray) -> np.ndarray:
+        return (np.asarray(z, np.float32) * np.float32(self.scale)
+                + np.float32(self.shift)).astype(np.float32)
+
+
+def normalization_of(space_or_section) -> LatentNormalization | None:
+    """The normalisation of a LatentSpace, a config section or manifest entry (dict with
+    `normalization`), or a bare normalisation dict; None when there is none."""
+    if space_or_section is None:
+        return None
+    if isinstance(space_or_section, LatentSpace):
+        return getattr(space_or_section, "normalization", None)
+    d = space_or_section.to_dict() if hasattr(space_or_section, "to_dict") else dict(space_or_section)
+    if "shift" in d:
+        return LatentNormalization.from_dict(d)
+    return LatentNormalization.from_dict(d["normalization"]) if d.get("normalization") else None
+
+
+def check_same_normalization(a: LatentNormalization | None, b: LatentNormalization | None,
+                             a_name: str, b_name: str, rtol: float = 1e-6) -> None:
+    """Raise a ValueError when two normalisations differ (None counts as the identity)."""
+    channels = (a or b).channels if (a or b) else 0
+    a = a or LatentNormalization.identity(channels)
+    b = b or LatentNormalization.identity(channels)
+    same = (a.channels == b.channels
+            and np.allclose(a.shift, b.shift, rtol=rtol, atol=rtol)
+            and np.allclose(a.scale, b.scale, rtol=rtol, atol=rtol))
+    if not same:
+        summary = lambda n: (f"shift mean {np.mean(n.shift):+.4f}, scale mean {np.mean(n.scale):.4f}"
+                             f" over {n.channels} channels")
+        raise ValueError(
+            f"latent normalization mismatch: {a_name} has {summary(a)}, {b_name} has "
+            f"{summary(b)}. A model only understands latents normalised as in its training "
+            "data: re-ingest the store with the model's normalization, or train a new model")
+
+
+class NormalizedSpace(LatentSpace):
+    """A latent space whose latents are `base`'s, normalised by `normalization` (see the module
+    docstring): `encode = normalize(base.encode)`, `decode = base.decode(denormalize)`."""
+
+    def __init__(self, base: LatentSpace, normalization: LatentNormalization):
+        if isinstance(base, NormalizedSpace):  # normalising twice is never meant
+            base = base.base
+        if normalization.channels != base.channels:
+            raise ValueError(f"latent normalization has {normalization.channels} channels, the "
+                             f"latent space has {base.channels}")
+        self.base, self.normalization = base, normalization
+        self.downsample, self.channels = base.downsample, base.channels
+
+    def encode(self, frames_NHW3, *, seed=None):
+        return self.normalization.normalize(self.base.encode(frames_NHW3, seed=seed))
+
+    def decode(self, latents_NhwC):
+        return self.base.decode(self.normalization.denormalize(latents_NhwC))
+
+    def check_frames(self, frames_NHW3, what="frames"):
+        self.base.check_frames(frames_NHW3, what)
+
+
+def raw_space(space: LatentSpace) -> LatentSpace:
+    """The space under any normalisation."""
+    return space.base if isinstance(space, NormalizedSpace) else space
+
+
+def with_normalization(space: LatentSpace, normalization: LatentNormalization | None) -> LatentSpace:
+    """`space` (its raw part) normalised by `normalization`; None gives the raw space."""
+    base = raw_space(space)
+    return base if normalization is None else NormalizedSpace(base, normalization)
+
+
 _SPACE_KEYS = {
-    "space_to_depth": {"kind", "downsample"},
-    "autoencoder_kl": {"kind", "path", "subfolder", "batch_size", "dtype", "scaling_factor", "shift_factor"},
+    "space_to_depth": {"kind", "downsample", "normalization"},
+    "autoencoder_kl": {"kind", "path", "subfolder", "batch_size", "dtype", "scaling_factor", "shift_factor",
+                       "normalization"},
 }
 
 
@@ -82,6 +231,8 @@ def make_latent_space(config) -> LatentSpace:
     `{"kind": "space_to_depth", "downsample": 2}` or
     `{"kind": "autoencoder_kl", "path": "<diffusers folder or hub id>", "subfolder": None, "batch_size": 8,
       "dtype": "float32" | "bfloat16", "scaling_factor": None, "shift_factor": None}` (None = from config.json).
+    Either may carry `"normalization": {"shift": [C floats], "scale": [C floats]}` (see
+    `LatentNormalization`), which wraps the space in a `NormalizedSpace`.
     """
     cfg = dict(config or {})
     kind = cfg.get("kind", "space_to_depth")
@@ -90,13 +241,14 @@ def make_latent_space(config) -> LatentSpace:
     extra = sorted(set(cfg) - _SPACE_KEYS[kind])
     if extra:
         raise ValueError(f"latent space {kind!r}: unknown option(s) {extra}; allowed {sorted(_SPACE_KEYS[kind])}")
+    normalization = normalization_of(cfg)
     if kind == "space_to_depth":
-        return SpaceToDepth(cfg.get("downsample", 1))
+        return with_normalization(SpaceToDepth(cfg.get("downsample", 1)), normalization)
     if not cfg.get("path"):
         raise ValueError("latent space 'autoencoder_kl' needs 'path' (a diffusers VAE folder or hub repo id)")
     from vgpt_jax.vae.autoencoder_kl import AutoencoderKLSpace  # keeps flax off the SpaceToDepth import path
 
-    return AutoencoderKLSpace.from_pretrained(
+    return with_normalization(AutoencoderKLSpace.from_pretrained(
         cfg["path"], subfolder=cfg.get("subfolder"), batch_size=cfg.get("batch_size", 8),
         dtype=cfg.get("dtype", "float32"), scaling_factor=cfg.get("scaling_factor"),
-        shift_factor=cfg.get("shift_factor"))
+        shift_factor=cfg.get("shift_factor")), normalization)
