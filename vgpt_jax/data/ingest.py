@@ -4,6 +4,13 @@ Geometry follows Video-GPT: the longer side is resized to <= `max_image_size` (3
 aspect ratio (never upscaled), then both sides are center-cropped to multiples of `crop_multiple`
 (16), so 1280x720 becomes 320x176. Sources with a side < `min_side` (128) or an aspect ratio >
 `max_aspect` (4) are rejected, judged on the *source* resolution (a quality filter on the input).
+`frame_size=(H, W)` instead resizes every video to cover H x W (up or down) and center-crops it
+to exactly that size, the paper's fixed-size preprocessing.
+
+A training store holds one frame size (a batch stacks its videos). When the kept videos come out
+at different sizes, the most common size is kept and the others are skipped as `size_mismatch`,
+with their size and the `--frame-size` that would keep them all; `mixed_sizes=True` keeps every
+size (a store read one video at a time).
 
 Resumability. Each finished video is committed on its own, atomically, to `<output>/_work/`:
 its encoded store record (`<key>.rec`) or why it was skipped (`<key>.skip.json`). A rerun with the
@@ -19,6 +26,7 @@ and size are kept in the record header's `extra`. Latents are the encoder's dete
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import hashlib
@@ -38,8 +46,9 @@ from vgpt_jax.data import video_io
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm", ".gif", ".mpg", ".mpeg", ".flv")
 TOO_SMALL, BAD_ASPECT, TOO_SHORT = "too_small", "bad_aspect", "too_short"
+SIZE_MISMATCH = "size_mismatch"
 SKIP_KINDS = (video_io.CORRUPT, video_io.TRUNCATED, video_io.EMPTY, video_io.NO_VIDEO_STREAM,
-              TOO_SMALL, BAD_ASPECT, TOO_SHORT)
+              TOO_SMALL, BAD_ASPECT, TOO_SHORT, SIZE_MISMATCH)
 WORK_DIR = "_work"
 SUMMARY = "ingest_summary.json"
 # Crash tests set this to slow ingestion down so a kill lands midway; never needed otherwise.
@@ -58,6 +67,8 @@ class IngestConfig:
     encode_batch: int = 16      # frames per latent_space.encode call (bounds peak memory)
     num_shards: int = 1
     dtype: str = "float16"      # storage dtype: float16 | bfloat16
+    frame_size: tuple[int, int] | None = None  # (H, W): resize to cover, crop to exactly this
+    mixed_sizes: bool = False   # keep every frame size (a store for per-video use, not training)
 
 
 class SkipVideo(Exception):
@@ -150,6 +161,10 @@ def output_geometry(height: int, width: int, config: IngestConfig) -> tuple[tupl
         raise SkipVideo(TOO_SMALL, f"{width}x{height}: shorter side {short} px < min_side {config.min_side}")
     if long / short > config.max_aspect:
         raise SkipVideo(BAD_ASPECT, f"{width}x{height}: aspect ratio {long / short:.2f} > {config.max_aspect}")
+    if config.frame_size is not None:
+        out_h, out_w = config.frame_size
+        scale = max(out_h / height, out_w / width)
+        return (max(out_h, round(height * scale)), max(out_w, round(width * scale))), (out_h, out_w)
     scale = min(1.0, config.max_image_size / long)
     resized = (max(1, round(height * scale)), max(1, round(width * scale)))
     m = config.crop_multiple
@@ -180,8 +195,8 @@ def load_video_frames(path: str, config: IngestConfig) -> tuple[np.ndarray, floa
         raise SkipVideo(TOO_SHORT, f"{len(frames)} frames at stride {config.frame_stride} "
                                    f"< min_frames {config.min_frames}")
     frames = center_crop(np.stack(frames), *cropped)
-    meta = {"source_size": [info.width, info.height], "stride": config.frame_stride,
-            "source_fps": info.fps}
+    meta = {"source_size": [info.width, info.height], "frame_size": list(cropped),
+            "stride": config.frame_stride, "source_fps": info.fps}
     return np.ascontiguousarray(frames), info.fps, meta
 
 
@@ -269,6 +284,9 @@ def ingest_folder(input_dir: str, output: str, latent_space="space_to_depth:8", 
     if config.crop_multiple % space.downsample:
         raise ValueError(f"crop_multiple {config.crop_multiple} is not a multiple of the latent space's "
                          f"downsample {space.downsample}")
+    if config.frame_size is not None and any(side % config.crop_multiple for side in config.frame_size):
+        raise ValueError(f"frame_size (H, W) = {tuple(config.frame_size)} is not a multiple of "
+                         f"crop_multiple {config.crop_multiple}")
     description = describe_latent_space(space, latent_space)
     settings = _settings(config, space, description)
     output = os.fspath(output)
@@ -362,16 +380,38 @@ def ingest_folder(input_dir: str, output: str, latent_space="space_to_depth:8", 
     return summary
 
 
+def _record_size(rec_path: str) -> tuple[int, int] | None:
+    """The pixel (H, W) of a journal record (its header only), or None for a skipped video."""
+    if not os.path.exists(rec_path):
+        return None
+    with open(rec_path, "rb") as f:
+        head = f.read(12)
+        header = json.loads(f.read(int.from_bytes(head[8:12], "little")))
+    return tuple(header["extra"]["frame_size"])
+
+
+def _size_mismatch(size, keep, count: int) -> str:
+    return (f"its frames are {size[1]}x{size[0]} after resizing and cropping, but the other {count} "
+            f"video(s) are {keep[1]}x{keep[0]} and a store holds one size; rerun with --frame-size "
+            f"{keep[1]}x{keep[0]} to resize and crop every video to one size")
+
+
 def _write_shards(output, work, videos, keys, config, description, settings):
     """Journal -> shards in sorted-path order. Returns (summary, open writer): closing the writer
     renames the shards into place and writes the manifest."""
     skipped: dict[str, list] = {kind: [] for kind in SKIP_KINDS}
     ingested, total_frames = [], 0
+    sizes = {rel: _record_size(os.path.join(work, keys[rel] + ".rec")) for rel in videos}
+    counts = collections.Counter(size for size in sizes.values() if size is not None)
+    keep = max(counts, key=lambda size: (counts[size], size)) if counts else None
     writer = store_lib.StoreWriter(output, num_shards=config.num_shards, dtype=config.dtype,
                                    latent_space=description, settings=settings, overwrite=True)
     for rel in videos:
         rec_path = os.path.join(work, keys[rel] + ".rec")
-        if os.path.exists(rec_path):
+        if sizes[rel] is not None and sizes[rel] != keep and not config.mixed_sizes:
+            skipped[SIZE_MISMATCH].append({"file": rel, "reason": _size_mismatch(
+                sizes[rel], keep, counts[keep])})
+        elif os.path.exists(rec_path):
             with open(rec_path, "rb") as f:
                 record = f.read()
             writer.add_encoded(record)
