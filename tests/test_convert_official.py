@@ -666,3 +666,69 @@ def test_from_pretrained_uses_the_bundled_vae(source, tmp_path):
     shutil.rmtree(folder)
     again = Pipeline.from_checkpoint(export)
     np.testing.assert_array_equal(again.latent_space.decode(out.latents), out.frames)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def write_adapter(folder, adapters, **config):
+    """A peft LoRA folder as `save_pretrained` writes it: {module: (A, B)} torch tensors."""
+    os.makedirs(folder, exist_ok=True)
+    cfg = dict(peft_type="LORA", r=2, lora_alpha=6, target_modules=sorted(adapters),
+               use_rslora=False, use_dora=False, bias="none", fan_in_fan_out=False,
+               modules_to_save=None, rank_pattern={}, alpha_pattern={})
+    cfg.update(config)
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    tensors = {}
+    for module, (a, b) in adapters.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    return str(folder)
+
+
+def test_lora_merges_as_peft(source, tmp_path):
+    """Linear (qkv_proj of layer 1) and Conv2d (the noisy patch embedder) adapters: converting
+    with the adapter equals converting the weights merged by hand with peft's formulas
+    (delta = B A; conv: a sum over the rank; scale alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    g = torch.Generator().manual_seed(0)
+    r, alpha, qkv = 2, 6.0, "llm.layers.1.self_attn.qkv_proj"
+    adapters = {qkv: (torch.randn(r, D, generator=g),
+                      torch.randn((HEADS + 2 * KV_HEADS) * (D // HEADS), r, generator=g)),
+                "x_embedder.proj": (torch.randn(r, C, P, P, generator=g),
+                                    torch.randn(D, r, 1, 1, generator=g))}
+    sd = load_file(os.path.join(source, "model.safetensors"))
+    for rslora in (False, True):
+        scale = alpha / np.sqrt(r) if rslora else alpha / r
+        (a, b), (ca, cb) = adapters[qkv], adapters["x_embedder.proj"]
+        merged = {qkv + ".weight": sd[qkv + ".weight"] + scale * (b @ a),
+                  "x_embedder.proj.weight": sd["x_embedder.proj.weight"]
+                  + scale * torch.einsum("or,rikl->oikl", cb[:, :, 0, 0], ca)}
+        by_hand = variant(source, tmp_path / f"merged_{rslora}",
+                          edit_state=lambda s: s.update(merged))
+        convert_official.convert(by_hand, str(tmp_path / f"expect_{rslora}"), dtype="float32")
+        lora = write_adapter(tmp_path / f"lora_{rslora}", adapters, use_rslora=rslora,
+                             lora_alpha=alpha)
+        config = convert_official.convert(source, str(tmp_path / f"ours_{rslora}"),
+                                          dtype="float32", lora=lora)
+        assert config.pretrained.lora == lora
+        ours, _ = checkpoint.load_model(str(tmp_path / f"ours_{rslora}"))
+        expect, _ = checkpoint.load_model(str(tmp_path / f"expect_{rslora}"))
+        for x, y in zip(_params(ours), _params(expect)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+    base = load_file(os.path.join(source, "model.safetensors"))["x_embedder.proj.weight"]
+    assert (merged["x_embedder.proj.weight"] - base).abs().max() > 1e-2  # the adapter matters
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(use_dora=True), "use_dora=True is not supported"),
+    (dict(modules_to_save=["final_layer.linear"]), "modules_to_save"),
+    (dict(module="llm.layers.5.mlp.down_proj"), r"modules without a weight \['llm.layers.5"),
+])
+def test_unsupported_lora_is_refused(source, tmp_path, change, message):
+    module = change.pop("module", "llm.layers.0.mlp.down_proj")
+    lora = write_adapter(tmp_path / "lora", {module: (torch.zeros(2, MLP), torch.zeros(D, 2))},
+                         **change)
+    with pytest.raises(convert_official.ConversionError, match=message):
+        convert_official.convert(source, str(tmp_path / "out"), lora=lora)

@@ -545,12 +545,14 @@ def convert_tensors(src: TensorSource, cfg: ModelConfig, marker_ids, dtype) -> d
 
 def convert(source_dir: str, output_dir: str, dtype: str = "bfloat16",
             rope_factor_rule: str = "official", *, weights: str | None = None,
-            prediction_type: str | None = None) -> ml_collections.ConfigDict:
+            prediction_type: str | None = None,
+            lora: str | None = None) -> ml_collections.ConfigDict:
     """Convert an official checkpoint into a vgpt_jax export (config.json + params/ [+ vae/]).
 
     source_dir: the checkpoint folder, or its weights subfolder (see `locate`). weights: the
     tensor file(s) when they are elsewhere or named otherwise. prediction_type: "x1" or "v";
-    None takes the official script's rule (v for `model.pt`, else x1).
+    None takes the official script's rule (v for `model.pt`, else x1). lora: a peft LoRA
+    folder merged into the weights as the official `merge_lora` does (`vgpt_jax.peft_lora`).
     Returns the export's config: `model`, `latent_space` (the bundled VAE, copied into the
     export, else SDXL-VAE), `objective.prediction_type` and the `pretrained` provenance. All
     checks (config, tokenizer, every key and shape, the position table) run before any weight
@@ -574,6 +576,9 @@ def convert(source_dir: str, output_dir: str, dtype: str = "bfloat16",
         if bad:
             raise ConversionError(f"marker token ids {bad} are outside the embedding table "
                                   f"(vocab_size={vocab})")
+        if lora is not None:
+            from vgpt_jax import peft_lora  # it builds on this module's TensorSource
+            src = peft_lora.MergedSource(src, peft_lora.read_adapter(lora), lora)
         check_pos_embed(src.read("pos_embed"), cfg)
         np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
         params = convert_tensors(src, cfg, marker_ids, np_dtype)
@@ -589,7 +594,7 @@ def convert(source_dir: str, output_dir: str, dtype: str = "bfloat16",
         vae=os.path.relpath(layout.vae, root) if layout.vae else OFFICIAL_LATENT_SPACE["path"],
         prediction_type_rule="official" if prediction_type is None else "given",
         marker_token_ids=list(marker_ids), rope_factor_rule=rope_factor_rule,
-        converter_version=CONVERTER_VERSION))
+        lora=os.path.abspath(lora) if lora else None, converter_version=CONVERTER_VERSION))
     checkpoint.export_model(output_dir, _model_with_params(cfg, params), config)
     if layout.vae:  # copied: the export stays usable when the source moves or goes
         shutil.copytree(layout.vae, os.path.join(output_dir, VAE_SUBFOLDER), dirs_exist_ok=True)
@@ -646,17 +651,22 @@ def resolve_source(path_or_repo: str, cache_dir: str | None = None) -> str:
                               " pass a local checkpoint folder instead") from e
 
 
-def source_fingerprint(layout: SourceLayout, *options) -> str:
-    """Cache key: the source files' resolved paths, sizes and mtimes plus the options (hashing
-    7.5 GB of weights would cost more than converting; hub snapshots resolve to content-hashed
-    blobs, so their paths already change with the content)."""
+def source_fingerprint(layout: SourceLayout, *options, extra_files: Sequence[str] = ()) -> str:
+    """Cache key: the source files' (and `extra_files'`) resolved paths, sizes and mtimes plus
+    the options (hashing 7.5 GB of weights would cost more than converting; hub snapshots
+    resolve to content-hashed blobs, so their paths already change with the content)."""
     entries = []
-    for path in layout.files():
+    for path in [*layout.files(), *extra_files]:
         st = os.stat(path)
         entries.append((os.path.abspath(path), os.path.realpath(path), st.st_size,
                         st.st_mtime_ns))
     blob = json.dumps([entries, list(options), CONVERTER_VERSION])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _peft_files(folder: str) -> list[str]:
+    from vgpt_jax import peft_lora
+    return peft_lora.adapter_files(folder)
 
 
 def default_cache_dir() -> str:
@@ -671,24 +681,27 @@ def is_export(path: str) -> bool:
 
 
 def pretrained_export(path_or_repo: str, cache_dir: str | None = None, dtype: str = "bfloat16",
-                      rope_factor_rule: str = "official", *, weights: str | None = None) -> str:
+                      rope_factor_rule: str = "official", *, weights: str | None = None,
+                      lora: str | None = None) -> str:
     """The folder of the converted export of an official checkpoint, converting on first use.
 
     `path_or_repo`: an official checkpoint folder (or its weights subfolder) or a hub repo id
-    (`GrayShine/Video-GPT`); `weights` as in `convert`. The export lands in
+    (`GrayShine/Video-GPT`); `weights` and `lora` as in `convert`. The export lands in
     `cache_dir/converted/<fingerprint>`; a changed source file or option converts again. It
     records the official prediction type; `Pipeline.from_pretrained` can override it without
     converting again.
     """
     cache_dir = cache_dir or default_cache_dir()
     source = resolve_source(path_or_repo, os.path.join(cache_dir, "hub"))
-    key = source_fingerprint(locate(source, weights), dtype, rope_factor_rule)
+    lora_files = () if lora is None else _peft_files(lora)
+    key = source_fingerprint(locate(source, weights), dtype, rope_factor_rule,
+                             extra_files=lora_files)
     target = os.path.join(cache_dir, "converted", key)
     if not os.path.isfile(os.path.join(target, checkpoint.CONFIG_FILE)):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=os.path.basename(target) + ".", dir=os.path.dirname(target))
         try:
-            convert(source, staging, dtype, rope_factor_rule, weights=weights)
+            convert(source, staging, dtype, rope_factor_rule, weights=weights, lora=lora)
             os.replace(staging, target)  # atomic: a crash never leaves a half-written cache entry
         except OSError:
             if not os.path.isfile(os.path.join(target, checkpoint.CONFIG_FILE)):
@@ -700,8 +713,9 @@ def pretrained_export(path_or_repo: str, cache_dir: str | None = None, dtype: st
 
 def load_pretrained(path_or_repo: str, cache_dir: str | None = None, dtype: str = "bfloat16",
                     rope_factor_rule: str = "official", shardings=None, *,
-                    weights: str | None = None):
+                    weights: str | None = None, lora: str | None = None):
     """(model, config) of the released weights, converted on first use and cached (see
     `pretrained_export`); `shardings` is passed to `checkpoint.load_model`."""
     return checkpoint.load_model(pretrained_export(path_or_repo, cache_dir, dtype,
-                                                   rope_factor_rule, weights=weights), shardings)
+                                                   rope_factor_rule, weights=weights,
+                                                   lora=lora), shardings)

@@ -148,6 +148,7 @@ class Pipeline:
         dtype: "bfloat16" or "float32" parameters and compute. rope_factor_rule: LongRoPE
         factors, "official" (long at every length) or "by_length" (stock transformers).
         weights: the weights file or folder when not found as the official script finds them.
+        lora: a peft LoRA adapter folder merged into the weights (the official `merge_lora`).
         prediction_type: "x1" or "v" instead of the export's (the official rule: v for
         `model.pt`); no conversion again. vae: a diffusers VAE folder or hub id instead of the
         export's (the bundled `vae/`, else stabilityai/sdxl-vae). latent_space: a LatentSpace,
@@ -156,7 +157,7 @@ class Pipeline:
         from vgpt_jax import convert_official
         if not convert_official.is_export(name_or_directory):
             name_or_directory = convert_official.pretrained_export(
-                name_or_directory, cache_dir, dtype, rope_factor_rule, weights=weights)
+                name_or_directory, cache_dir, dtype, rope_factor_rule, weights=weights, lora=lora)
         if vae is not None and isinstance(latent_space, str) and latent_space == AUTO:
             from vgpt_jax.vae.latent_space import make_latent_space
             latent_space = make_latent_space({"kind": "autoencoder_kl", "path": vae})

@@ -8,7 +8,8 @@
 files (or its `transformer/` subfolder), the weights found as the official inference script
 finds them: beside the config or in `transformer/`, as `model.pt`, `model.safetensors`,
 `pytorch_model.bin` or a `pytorch_model.bin/` folder of shards (or a safetensors / bin index).
-`--weights` names them when they are elsewhere. A bundled `vae/` is copied into the export.
+`--weights` names them when they are elsewhere. A bundled `vae/` is copied into the export;
+`--lora` merges a peft LoRA adapter folder into the weights.
 The output is `config.json` + `params/`, loadable with `vgpt_jax.checkpoint.load_model` and
 `Pipeline.from_checkpoint`.
 """
@@ -47,13 +48,15 @@ def main(argv=None) -> int:
     p.add_argument("--prediction-type", default=None, choices=convert_official.PREDICTION_TYPES,
                    help="what the network predicts; default: the official script's rule "
                         "(v for model.pt weights, x1 otherwise)")
+    p.add_argument("--lora", default=None,
+                   help="a peft LoRA adapter folder to merge in (as the official merge_lora)")
     p.add_argument("--cache-dir", default=None, help="hub download cache (repo ids only)")
     args = p.parse_args(argv)
     try:
         source = convert_official.resolve_source(args.source, args.cache_dir)
         config = convert_official.convert(source, args.output, args.dtype, args.rope_factor_rule,
                                           weights=args.weights,
-                                          prediction_type=args.prediction_type)
+                                          prediction_type=args.prediction_type, lora=args.lora)
     except (ValueError, OSError) as e:  # ConversionError, config checks, file and hub errors
         # What the user got wrong (a path, a file, a layout) in one line, not a traceback.
         print(f"{p.prog}: error: {e}", file=sys.stderr)
