@@ -147,6 +147,21 @@ def test_sample_tool_writes_prediction_and_comparison(export_dir, pixels, tmp_pa
     assert side.shape == (3, PX, 2 * PX, 3)
 
 
+def test_sample_tool_refuses_a_bad_output_before_sampling(export_dir, pixels, tmp_path,
+                                                          monkeypatch, capsys):
+    source = video_io.write_video(str(tmp_path / "in.mp4"), pixels[0], fps=8.0)
+    argv = ["--checkpoint", export_dir, "--input", source, "--frame-stride", "1",
+            "--clip-sizes", "1", "--steps", "2", "--window", "6", "--no-progress"]
+    monkeypatch.setattr(Pipeline, "predict", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(ValueError, match="unsupported video extension '.avi'"):
+        sample_tool.main(argv + ["--output", str(tmp_path / "pred.avi")])
+    monkeypatch.undo()
+    # More context frames asked for than the input has: said, and all of them are the context.
+    assert sample_tool.main(argv + ["--output", str(tmp_path / "p.mp4"),
+                                    "--context-frames", "400"]) == 0
+    assert "--context-frames=400, but" in capsys.readouterr().err
+
+
 def test_sample_tool_rejects_unreadable_video(export_dir, tmp_path):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"not a video at all")

@@ -83,6 +83,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--context-frames={args.context_frames}: must be >= 1")
     if args.frame_stride < 1:
         raise ValueError(f"--frame-stride={args.frame_stride}: must be >= 1")
+    video_io.check_writable(args.output)  # before the minutes of sampling, not after
     latent_space = "auto"  # the checkpoint config's
     if args.latent_space is not None:
         from vgpt_jax.data.ingest import make_latent_space
@@ -95,6 +96,10 @@ def main(argv=None) -> int:
     total = args.context_frames + sum(clip_sizes)
     frames, fps = read_context(args.input, args.frame_stride, args.max_image_size, crop, total)
     context, truth = frames[:args.context_frames], frames[args.context_frames:]
+    if len(frames) < args.context_frames:
+        print(f"note: --context-frames={args.context_frames}, but {args.input} has only "
+              f"{len(frames)} frames at --frame-stride {args.frame_stride}: all {len(frames)} are "
+              "the context and there is no ground truth to compare with", file=sys.stderr)
 
     with tqdm(total=len(clip_sizes), unit="clip", disable=args.no_progress) as bar:
         out = pipe.predict(

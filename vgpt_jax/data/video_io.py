@@ -185,6 +185,19 @@ def _pad_to_even(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
+WRITE_EXTENSIONS = (".mp4", ".mov", ".mkv", ".gif")
+
+
+def check_writable(path: str) -> str:
+    """The lower-case extension of `path` if `write_video` can write it, else a ValueError (so
+    a caller can refuse a bad output path before the work that produces the frames)."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in WRITE_EXTENSIONS:
+        raise ValueError(f"{os.fspath(path)}: unsupported video extension {ext!r} (use one of "
+                         f"{', '.join(WRITE_EXTENSIONS)})")
+    return ext
+
+
 def write_video(path: str, frames: np.ndarray, fps: float, *, crf: int = 18) -> str:
     """Write uint8 frames `[T, H, W, 3]` (or `[T, H, W]` gray) to `.mp4` (libx264, yuv420p) or `.gif`.
 
@@ -200,8 +213,8 @@ def write_video(path: str, frames: np.ndarray, fps: float, *, crf: int = 18) -> 
         raise ValueError(f"write_video({path}): expected frames [T, H, W, 3] with T > 0, got {frames.shape}")
     if frames.dtype != np.uint8:
         raise ValueError(f"write_video({path}): expected uint8 frames, got {frames.dtype}")
+    ext = check_writable(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    ext = os.path.splitext(path)[1].lower()
     if ext == ".gif":
         from PIL import Image
 
@@ -209,8 +222,6 @@ def write_video(path: str, frames: np.ndarray, fps: float, *, crf: int = 18) -> 
         duration_ms = max(1, int(round(1000.0 / float(fps))))
         images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
         return path
-    if ext not in (".mp4", ".mov", ".mkv"):
-        raise ValueError(f"write_video({path}): unsupported extension {ext!r} (use .mp4 or .gif)")
     frames = _pad_to_even(frames)
     from fractions import Fraction
 
