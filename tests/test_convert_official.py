@@ -541,12 +541,14 @@ def _sample(model, prediction_type):
     return sampling.sample_video(model, [2], cfg, [0], context_BFhwc=ctx)
 
 
+@pytest.mark.parametrize("vae", [False, True], ids=["no_vae", "vae"])
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_every_official_layout_converts(name, source, base_export, tmp_path):
-    folder = make_layout(source, tmp_path / "ckpt", name)
+def test_every_official_layout_converts(name, vae, source, base_export, tmp_path):
+    folder = make_layout(source, tmp_path / "ckpt", name, vae=vae)
     config = convert_official.convert(folder, str(tmp_path / "out"), dtype="float32")
     assert config.objective.prediction_type == LAYOUTS[name][2]
-    assert config.latent_space.path == "stabilityai/sdxl-vae"
+    assert config.latent_space.path == ("vae" if vae else "stabilityai/sdxl-vae")
+    assert os.path.isfile(tmp_path / "out" / "vae" / "config.json") == vae
     model, _ = checkpoint.load_model(str(tmp_path / "out"))
     for ours, base in zip(_params(model), _params(base_export[0])):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(base))
