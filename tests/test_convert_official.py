@@ -734,3 +734,16 @@ def test_unsupported_lora_is_refused(source, tmp_path, change, message):
                          **change)
     with pytest.raises(convert_official.ConversionError, match=message):
         convert_official.convert(source, str(tmp_path / "out"), lora=lora)
+
+
+def test_hub_download_picks_what_the_official_order_picks():
+    listing = ["config.json", "tokenizer.json", "transformer/model.pt",
+               "transformer/model.safetensors", "vae/config.json",
+               "vae/diffusion_pytorch_model.safetensors", "README.md"]
+    patterns = convert_official.hub_patterns(listing)
+    assert "transformer/model.pt" in patterns and "vae/*" in patterns
+    assert "transformer/model.safetensors" not in patterns and "model.pt" not in patterns
+    sharded = convert_official.hub_patterns(["config.json", "pytorch_model.bin/a.bin"])
+    assert "pytorch_model.bin/*.bin" in sharded
+    offline = convert_official.hub_patterns(None)  # every candidate: a cached snapshot serves
+    assert {"model.safetensors", "transformer/model.pt", "transformer/model-*.safetensors"} <= set(offline)
