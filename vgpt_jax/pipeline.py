@@ -5,6 +5,7 @@
     out = pipe.generate(num_frames=24, latent_size=(8, 8))    # from nothing
     pipe = Pipeline.from_pretrained("GrayShine/Video-GPT")     # the released weights, converted
     pipe = Pipeline.from_pretrained("ckpt/", latent_space=None)  # latents only: no VAE, offline
+    pipe = Pipeline.from_checkpoint("exports/run1", mesh={"data": 2, "fsdp": 4})  # 8 devices
 
 Context is pixels (uint8 [F, H, W, 3], encoded with the latent space) or latents (float
 [F, h, w, C]); a leading batch axis samples several videos at once and is kept in the output.
@@ -17,8 +18,10 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from flax import nnx
 
 from vgpt_jax import checkpoint, sampling
+from vgpt_jax.config import ModelConfig
 from vgpt_jax.model import VideoGPT
 from vgpt_jax.vae.latent_space import LatentSpace
 
@@ -97,10 +100,23 @@ def _check_finite(latents_BF: np.ndarray, what: str, batched: bool) -> None:
                          f"({int(bad.sum())} frame(s) affected)")
 
 
+def placement_of(mesh, config) -> sampling.Placement | None:
+    """Where to sample: None (the default device), or `mesh` (a `Mesh`, axis sizes such as
+    {"data": 2, "fsdp": 4}, or a `sampling.Placement`) with the run's logical-axis rules
+    (`config.mesh.rules`, the ones it trained with; the defaults without a config)."""
+    if mesh is None:
+        return None
+    rules = ((config or {}).get("mesh") or {}).get("rules") or None
+    return sampling.Placement.of(mesh, rules)
+
+
 class Pipeline:
     def __init__(self, model: VideoGPT, latent_space: LatentSpace | None = None, config=None,
-                 prediction_type: str | None = None):
-        self.model = model
+                 prediction_type: str | None = None, mesh=None):
+        """mesh: sample on a mesh of this process's devices (see `placement_of`): the
+        parameters are placed on it here, by the training rules; None: the default device."""
+        self.placement = placement_of(mesh, config)
+        self.model = model if self.placement is None else self.placement.place_model(model)
         self.latent_space = latent_space
         self.config = config
         # "x1" or "v": how the sampler reads the network's output (the config's by default).
@@ -111,15 +127,24 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, directory: str, *, latent_space: LatentSpace | str | None = AUTO,
-                        shardings=None) -> "Pipeline":
+                        shardings=None, mesh=None) -> "Pipeline":
         """Load a model export; the latent space is the argument, or with "auto" the config's
         optional `latent_space` section (`configured_latent_space`), or None: latents only.
+        mesh: sample on it (`placement_of`); the parameters are restored straight into their
+        shards, never whole on one device (unless `shardings` gives other ones).
 
         The model's latent normalisation (`data.latent_normalization`, recorded from its
         training store) is applied to a raw latent space; a space normalised otherwise is
         refused.
         """
         from vgpt_jax.vae import latent_space as ls
+        placement = None
+        if mesh is not None:
+            _, config = checkpoint.resolve_params(directory)
+            placement = placement_of(mesh, config)
+            if shardings is None:
+                abstract = checkpoint.abstract_model(ModelConfig.from_config(config.model))
+                shardings = placement.param_shardings(nnx.state(abstract, nnx.Param))
         model, config = checkpoint.load_model(directory, shardings)
         if isinstance(latent_space, str) and latent_space == AUTO:
             latent_space = configured_latent_space(directory, config)
@@ -131,7 +156,7 @@ class Pipeline:
             else:
                 ls.check_same_normalization(ours, given, f"the model in {directory!r}",
                                             "the latent space given")
-        return cls(model, latent_space, config)
+        return cls(model, latent_space, config, mesh=placement)
 
     @classmethod
     def from_pretrained(cls, name_or_directory: str, *, cache_dir: str | None = None,
@@ -139,7 +164,7 @@ class Pipeline:
                         weights: str | None = None, lora: str | None = None,
                         prediction_type: str | None = None, vae: str | None = None,
                         latent_space: LatentSpace | str | None = AUTO,
-                        shardings=None) -> "Pipeline":
+                        shardings=None, mesh=None) -> "Pipeline":
         """A vgpt_jax export (as `from_checkpoint`), or the released weights: an official
         checkpoint folder (or its `transformer/` subfolder) or hub repo id
         (`GrayShine/Video-GPT`), converted once and cached
@@ -153,6 +178,7 @@ class Pipeline:
         `model.pt`); no conversion again. vae: a diffusers VAE folder or hub id instead of the
         export's (the bundled `vae/`, else stabilityai/sdxl-vae). latent_space: a LatentSpace,
         "auto" (the export's or `vae`'s), or None: latents only, no VAE built, no network.
+        mesh: sample on a mesh, as `from_checkpoint`.
         """
         from vgpt_jax import convert_official
         if not convert_official.is_export(name_or_directory):
@@ -162,9 +188,10 @@ class Pipeline:
             from vgpt_jax.vae.latent_space import make_latent_space
             latent_space = make_latent_space({"kind": "autoencoder_kl", "path": vae})
         pipe = cls.from_checkpoint(name_or_directory, latent_space=latent_space,
-                                   shardings=shardings)
+                                   shardings=shardings, mesh=mesh)
         if prediction_type is not None:
-            pipe = cls(pipe.model, pipe.latent_space, pipe.config, prediction_type)
+            pipe = cls(pipe.model, pipe.latent_space, pipe.config, prediction_type,
+                       mesh=pipe.placement)
         return pipe
 
     # ------------------------------------------------------------------ entry points
@@ -302,6 +329,7 @@ class Pipeline:
             on_clip = lambda k, clip: callback(k, len(sizes), np.asarray(clip))
         latents = sampling.sample_video(self.model, sizes, cfg, seeds,
                                         context_BFhwc=context_latents, latent_hw=latent_hw,
-                                        on_clip=on_clip, to_context=to_context)
+                                        on_clip=on_clip, to_context=to_context,
+                                        placement=self.placement)
         frames = None if space is None else np.stack([space.decode(v) for v in latents])
         return SampleOutput(latents, frames)

@@ -368,14 +368,3 @@ def markdown_row(plan: Plan, command: str) -> str:
     return (f"| {plan.model} | {plan.topology} | {mesh} | {plan.remat} | {plan.global_batch} "
             f"| {plan.tokens_per_chip:.0f} | {_gib(plan.train.peak_bytes)} | {sampler} | {fits} "
             f"| `{command}` |")
-
-
-def parse_mesh(text: str) -> dict:
-    """`fsdp=8,context=8` -> {"fsdp": 8, "context": 8}."""
-    out = {}
-    for part in filter(None, text.split(",")):
-        name, _, value = part.partition("=")
-        if name not in MESH_AXES or not value.isdigit():
-            raise ValueError(f"--mesh {text!r}: expected axis=size pairs with axes {MESH_AXES}")
-        out[name] = int(value)
-    return out

@@ -7,8 +7,10 @@ One clip at a time (the reference's `prompt_condition_frame_block_autoregressive
   or the velocity v = x1 - eps directly (`"v"`, as the official script samples `model.pt`
   weights); z += (sigma_{i+1} - sigma_i) v.
 - **History guidance** v = v_u + s (v_c - v_u): the unconditional branch is the noisy clip
-  alone, positions from 0. Both branches run as one [2B] batch: the second half shares the
-  cache with its cache tokens marked invalid, so the one mask rule hides the history from it.
+  alone, positions from 0. Both branches run as one [2B] batch, interleaved (rows 2b and
+  2b + 1 are video b's conditional and unconditional branch, so a batch-sharded mesh keeps
+  both on the device that holds the video): the unconditional rows share the cache with their
+  cache tokens marked invalid, so the one mask rule hides the history from them.
   s = 1, or an empty history (where both branches are the same function), runs one branch.
 - **Exact KV cache.** Clean history never attends to noisy tokens, so its keys and values are
   the same at every step: they are computed once (`VideoGPT.build_cache`), every step runs only
@@ -24,6 +26,12 @@ One clip at a time (the reference's `prompt_condition_frame_block_autoregressive
 Invariant: cache slot s holds clean frame s at RoPE frame slot s; the noisy clip follows at
 slots H..H+n-1 (H = frames in the history). All layouts come from `layout.clip_layout`.
 
+On a mesh (`Placement`): parameters are sharded by the training rules, the batch of videos
+over the `batch` axes (padded to a multiple of them with copies of the last video, dropped from
+the output), the KV cache and the activations along the sequence over `context`. Every draw is
+made on the host per video, so a video's output does not depend on the mesh or its batch-mates
+(up to float summation order).
+
 Noise: fresh per clip and per video (`seeds[b]`, folded with the clip index), so a batch
 equals its videos sampled one by one; `same_noise_every_clip` reproduces the release, which
 re-seeds identically for every clip; callers may pass every draw (`initial_noise`,
@@ -36,6 +44,7 @@ hold, so that option runs on the recompute path.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -45,9 +54,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from vgpt_jax import layout as layout_lib
-from vgpt_jax.config import ModelConfig, block_len_for, dtype_of
+from vgpt_jax import sharding as shard_lib
+from vgpt_jax.config import DEFAULT_LOGICAL_RULES, ModelConfig, block_len_for, dtype_of
 from vgpt_jax.model import VideoGPT
 from vgpt_jax.model.decoder import LayerKV
 from vgpt_jax.model.rope import apply_rope, inverse_frequencies
@@ -150,12 +161,108 @@ def check_request(model_cfg: ModelConfig, cfg: SamplerConfig, clip_sizes: Sequen
         raise ValueError(f"seeds={list(seeds)!r}: must be integers >= 0")
 
 
+# ----------------------------------------------------------------------------- placement
+
+KV_AXES = ("layers", "batch", "sequence", "heads", None)   # LayerKV k / v [layers, B, S, KV, D]
+META_AXES = ("batch", "sequence")                          # TokenMeta fields [B, S]
+BATCH_AXES = ("batch",)                                    # videos [B, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """A mesh (axes `sharding.MESH_AXES`) of this process's devices and the logical-axis rules
+    that place sampling on it: the training rules, so parameters are split over `fsdp` and
+    `tensor` as in training, videos over the `batch` axes (data x fsdp by default), the KV
+    cache and the activations along the sequence over `context` and KV heads over `tensor`.
+    A mesh axis that does not divide its dimension leaves that dimension whole. Hashable: the
+    compiled kernels take it as a static argument (one program per placement)."""
+    mesh: Mesh
+    rules: tuple
+
+    @classmethod
+    def of(cls, mesh: "Placement | Mesh | dict", rules=None, devices=None) -> "Placement":
+        """`mesh`: a `Mesh` or axis sizes ({"data": 2, "fsdp": 4}, missing axes 1) over the
+        first devices of `devices` (default: this process's). `rules`: [(logical, mesh axes)]
+        (default: `config.DEFAULT_LOGICAL_RULES`). A Placement is returned as it is."""
+        if isinstance(mesh, Placement):
+            return mesh
+        if not isinstance(mesh, Mesh):
+            mesh = shard_lib.mesh_of_sizes(dict(mesh), devices)
+        if tuple(mesh.axis_names) != shard_lib.MESH_AXES:
+            raise ValueError(f"mesh axes {mesh.axis_names}: sampling needs the training mesh's "
+                             f"{shard_lib.MESH_AXES} (sharding.make_mesh / mesh_of_sizes)")
+        foreign = [d for d in mesh.devices.flat if d.process_index != jax.process_index()]
+        if foreign:
+            raise ValueError(f"mesh spans devices of other processes ({foreign[:2]}...): "
+                             "sampling runs on a mesh of this process's devices, each process of "
+                             "a multi-host run sampling its own videos")
+        rules = DEFAULT_LOGICAL_RULES if rules is None else rules
+        return cls(mesh, tuple((k, v if v is None or isinstance(v, str) else tuple(v))
+                               for k, v in rules))
+
+    @property
+    def batch_multiple(self) -> int:
+        """Videos per sampling batch come in multiples of this (the `batch` axes' size)."""
+        return shard_lib.batch_shards(self.mesh, self.rules)
+
+    def sharding(self, names, shape) -> NamedSharding:
+        spec = shard_lib.logical_to_spec(tuple(names) + (None,) * (len(shape) - len(names)),
+                                         self.rules)
+        return NamedSharding(self.mesh, shard_lib.fit_spec(spec, shape, self.mesh))
+
+    def put(self, x, names):
+        """A host or device array onto the mesh, split by logical axis `names`."""
+        return jax.device_put(x, self.sharding(names, np.shape(x)))
+
+    def constrain(self, x, names):
+        """Inside a compiled kernel: keep `x` laid out as `put` would."""
+        return jax.lax.with_sharding_constraint(x, self.sharding(names, x.shape))
+
+    def put_cache(self, cache: KVCache, inside_jit: bool = False) -> KVCache:
+        place = self.constrain if inside_jit else self.put
+        return KVCache(LayerKV(*(place(a, KV_AXES) for a in cache.kv)),
+                       layout_lib.TokenMeta(*(place(m, META_AXES) for m in cache.meta)))
+
+    def param_shardings(self, params_state) -> dict:
+        """NamedShardings of an `nnx.State` of parameters (abstract or not), as a pure dict:
+        what `checkpoint.restore_params` restores straight into."""
+        return shard_lib.param_shardings(params_state, self.mesh, self.rules)
+
+    def place_model(self, model: VideoGPT) -> VideoGPT:
+        """The model with its parameters on the mesh (a no-op for parameters already there)."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        params.replace_by_pure_dict(jax.device_put(params.to_pure_dict(),
+                                                   self.param_shardings(params)))
+        rest = jax.device_put(rest, shard_lib.replicated(self.mesh))
+        return nnx.merge(graphdef, params, rest)
+
+    def activations(self):
+        """The context in which the model's `constrain` annotations apply on this mesh."""
+        return shard_lib.activation_sharding(self.mesh, self.rules)
+
+
+def _on(placement: Placement | None):
+    return contextlib.nullcontext() if placement is None else placement.activations()
+
+
+def _pad_batch(x_B: np.ndarray, rows: int) -> np.ndarray:
+    """[B, ...] -> [rows, ...]: copies of the last video fill a mesh's batch shards (each
+    video is computed independently, so the copies change no other row)."""
+    return x_B if len(x_B) == rows else np.concatenate(
+        [x_B, np.repeat(x_B[-1:], rows - len(x_B), axis=0)])
+
+
 # ----------------------------------------------------------------------------- layouts
 
 
+def _interleave(a_B, b_B):
+    """[B, ...] twice -> [2B, ...] with rows 2b = a[b], 2b + 1 = b[b]."""
+    return jnp.stack([a_B, b_B], axis=1).reshape(-1, *a_B.shape[1:])
+
+
 def _stack(a: layout_lib.Layout, b: layout_lib.Layout) -> layout_lib.Layout:
-    """Two layouts of the same blocks as one [2B] batch (conditional, then unconditional)."""
-    return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
+    """Two layouts of the same blocks as one [2B] batch (conditional, unconditional per video)."""
+    return jax.tree.map(_interleave, a, b)
 
 
 def history_layout(batch: int, frames: int, L: int, guided: bool) -> layout_lib.Layout:
@@ -185,26 +292,28 @@ def _block_len(model: VideoGPT, latents_BNhwc) -> int:
 def euler(denoiser: Callable, z0_BNhwc, sigmas, guidance, guided: bool,
           prediction_type: str = "x1"):
     """Integrate z from sigma_0 to sigma_S; `denoiser(z, t)` is the network's output (x1 or v,
-    by `prediction_type`) for [B] or, guided, [2B]."""
+    by `prediction_type`) for [B] or, guided, [2B] (rows 2b, 2b + 1: video b's conditional and
+    unconditional branch)."""
     b = z0_BNhwc.shape[0]
 
     def step(i, z):
         s, s_next = sigmas[i], sigmas[i + 1]
-        zz = jnp.concatenate([z, z]) if guided else z
+        zz = jnp.repeat(z, 2, axis=0) if guided else z
         out = denoiser(zz, jnp.full(zz.shape[:2], s))
         v = out if prediction_type == "v" else (out - zz) / (1 - s)
         if guided:
-            v = v[b:] + guidance * (v[:b] - v[b:])
+            v = v.reshape(b, 2, *v.shape[1:])
+            v = v[:, 1] + guidance * (v[:, 0] - v[:, 1])
         return z + (s_next - s) * v
 
     return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, z0_BNhwc)
 
 
 def guided_cache(cache: KVCache, L: int) -> KVCache:
-    """The [2B] cache: keys/values shared, the unconditional half's tokens invalid."""
+    """The [2B] cache: keys/values shared, the unconditional rows' tokens invalid."""
     b, s = cache.meta.frame.shape
     meta = layout_lib.token_meta(history_layout(b, s // L, L, guided=True))
-    return KVCache(LayerKV(*(jnp.concatenate([a, a], axis=1) for a in cache.kv)), meta)
+    return KVCache(LayerKV(*(jnp.repeat(a, 2, axis=1) for a in cache.kv)), meta)
 
 
 def cached_x1_fn(model: VideoGPT, cache: KVCache, num_frames: int, L: int, guided: bool):
@@ -221,7 +330,7 @@ def recompute_x1_fn(model: VideoGPT, history_BHhwc, num_frames: int, L: int, gui
     b, hist = history_BHhwc.shape[:2]
     layout = layout_lib.concat(history_layout(b, hist, L, guided),
                                noisy_layout(b, num_frames, hist, L, guided))
-    history = jnp.concatenate([history_BHhwc, history_BHhwc]) if guided else history_BHhwc
+    history = jnp.repeat(history_BHhwc, 2, axis=0) if guided else history_BHhwc
     t_history = jnp.ones(history.shape[:2], jnp.float32)  # unused by clean blocks
 
     def x1(z, t):
@@ -232,44 +341,57 @@ def recompute_x1_fn(model: VideoGPT, history_BHhwc, num_frames: int, L: int, gui
 
 
 # ----------------------------------------------------------------------------- compiled kernels
-# Pure functions of (graphdef, state, arrays); one compiled program per shape.
+# Pure functions of (graphdef, state, arrays); one compiled program per shape and placement.
+# With a placement the model's activation constraints apply inside, and caches come out laid
+# out as the placement's (`Placement.put_cache`).
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _build_cache(graphdef, state, clean_BHhwc) -> KVCache:
+def _cache_out(cache: KVCache, placement: Placement | None) -> KVCache:
+    return cache if placement is None else placement.put_cache(cache, inside_jit=True)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="placement")
+def _build_cache(graphdef, state, clean_BHhwc, placement=None) -> KVCache:
     model = nnx.merge(graphdef, state)
     b, hist = clean_BHhwc.shape[:2]
     L = _block_len(model, clean_BHhwc)
-    return model.build_cache(clean_BHhwc, layout_lib.clip_layout(b, hist, L, noisy=False, clip=0))
+    with _on(placement):
+        cache = model.build_cache(clean_BHhwc,
+                                  layout_lib.clip_layout(b, hist, L, noisy=False, clip=0))
+    return _cache_out(cache, placement)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _extend_cache(graphdef, state, cache: KVCache, clean_BNhwc) -> KVCache:
+@functools.partial(jax.jit, static_argnums=0, static_argnames="placement")
+def _extend_cache(graphdef, state, cache: KVCache, clean_BNhwc, placement=None) -> KVCache:
     model = nnx.merge(graphdef, state)
     b, n = clean_BNhwc.shape[:2]
     L = _block_len(model, clean_BNhwc)
     hist = cache.meta.frame.shape[1] // L
     layout = layout_lib.clip_layout(b, n, L, noisy=False, clip=0, first_frame=hist,
                                     first_position=hist)
-    return model.extend_cache(clean_BNhwc, layout, cache)
+    with _on(placement):
+        cache = model.extend_cache(clean_BNhwc, layout, cache)
+    return _cache_out(cache, placement)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 7))
+@functools.partial(jax.jit, static_argnums=(0, 5, 7), static_argnames="placement")
 def _denoise_cached(graphdef, state, cache: KVCache, z0_BNhwc, sigmas, guided, guidance,
-                    prediction_type="x1"):
+                    prediction_type="x1", placement=None):
     model = nnx.merge(graphdef, state)
     L = _block_len(model, z0_BNhwc)
-    x1_fn = cached_x1_fn(model, cache, z0_BNhwc.shape[1], L, guided)
-    return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
+    with _on(placement):
+        x1_fn = cached_x1_fn(model, cache, z0_BNhwc.shape[1], L, guided)
+        return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 7))
+@functools.partial(jax.jit, static_argnums=(0, 5, 7), static_argnames="placement")
 def _denoise_recompute(graphdef, state, history_BHhwc, z0_BNhwc, sigmas, guided, guidance,
-                       prediction_type="x1"):
+                       prediction_type="x1", placement=None):
     model = nnx.merge(graphdef, state)
     L = _block_len(model, z0_BNhwc)
-    x1_fn = recompute_x1_fn(model, history_BHhwc, z0_BNhwc.shape[1], L, guided)
-    return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
+    with _on(placement):
+        x1_fn = recompute_x1_fn(model, history_BHhwc, z0_BNhwc.shape[1], L, guided)
+        return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
 
 
 def shift_positions(x_BTHD, delta: int, model_cfg: ModelConfig):
@@ -286,8 +408,9 @@ def shift_positions(x_BTHD, delta: int, model_cfg: ModelConfig):
                       jnp.asarray(np.sin(angle))[None, None])
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _evict(cache: KVCache, num_evict: int, anchors: int, L: int, model_cfg: ModelConfig):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4), static_argnames="placement")
+def _evict(cache: KVCache, num_evict: int, anchors: int, L: int, model_cfg: ModelConfig,
+           placement: Placement | None = None):
     """Drop frames anchors..anchors+num_evict-1 and move the later ones down to close the gap."""
     a, e = anchors * L, (anchors + num_evict) * L
 
@@ -302,7 +425,8 @@ def _evict(cache: KVCache, num_evict: int, anchors: int, L: int, model_cfg: Mode
     b, s = cache.meta.frame.shape
     meta = layout_lib.token_meta(layout_lib.clip_layout(b, s // L - num_evict, L, noisy=False,
                                                         clip=0))
-    return KVCache(LayerKV(drop(cache.kv.k, 2, rotate=True), drop(cache.kv.v, 2)), meta)
+    return _cache_out(KVCache(LayerKV(drop(cache.kv.k, 2, rotate=True), drop(cache.kv.v, 2)),
+                              meta), placement)
 
 
 def initial_noise(seeds: Sequence[int], shape, clip_index: int,
@@ -352,7 +476,8 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
                  on_clip: Callable[[int, np.ndarray], None] | None = None,
                  to_context: Callable[[int, np.ndarray], np.ndarray] | None = None,
                  noise_per_clip: Sequence[np.ndarray | None] | None = None,
-                 context_eps_per_clip: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
+                 context_eps_per_clip: Sequence[np.ndarray | None] | None = None,
+                 placement: Placement | None = None) -> np.ndarray:
     """Generate `sum(clip_sizes)` frames after `context_BFhwc` (or from nothing): [B, N, h, w, C].
 
     seeds: one per video. on_clip(k, latents_BNhwc) runs after clip k (progress, saving).
@@ -362,6 +487,8 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
     from the seeds). context_eps_per_clip: one per clip, the eps of clip k's context noise: with
     `renoise_context` the whole window it sees [B, H_k, h, w, C] (k >= 1), else clip k itself
     as it joins the history [B, n_k, h, w, C] (None: drawn from the seeds).
+    placement: the mesh to sample on (`Placement`; None: the default device). The model's
+    parameters are put on it (a no-op when `Placement.place_model` already did).
     """
     model_cfg: ModelConfig = model.cfg
     if context_BFhwc is not None:
@@ -382,9 +509,21 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
     h, w = latent_hw
     c = model_cfg.latent_channels
     L = block_len_for(model_cfg, h, w)
+    if placement is not None:
+        model = placement.place_model(model)
     graphdef, state = nnx.split(model)
     sigmas = jnp.asarray(time_grid(cfg.steps, cfg.time_shift))
     guidance = jnp.float32(cfg.guidance)
+    # On a mesh the device batch is padded to whole batch shards; host arrays keep B rows.
+    multiple = 1 if placement is None else placement.batch_multiple
+    rows = -(-batch // multiple) * multiple
+
+    def dev(x_B):
+        return x_B if placement is None else placement.put(_pad_batch(x_B, rows), BATCH_AXES)
+
+    def host(x_rows) -> np.ndarray:
+        return np.asarray(x_rows)[:batch]
+
     # The history lives on the host: it only reaches the device when a cache is (re)built.
     history = (np.zeros((batch, 0, h, w, c), np.float32) if context_BFhwc is None
                else context_BFhwc)
@@ -400,27 +539,30 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
                 a = cfg.anchor_frames
                 history = np.concatenate([history[:, :a], history[:, a + drop:]], axis=1)
                 if cache is not None:
-                    cache = _evict(cache, drop, a, L, model_cfg)
+                    cache = _evict(cache, drop, a, L, model_cfg, placement=placement)
             else:
                 history, cache = history[:, hist - keep:], None
         if use_cache and cache is None:
-            cache = (_build_cache(graphdef, state, history) if history.shape[1]
-                     else empty_cache(model_cfg, batch))
+            if history.shape[1]:
+                cache = _build_cache(graphdef, state, dev(history), placement=placement)
+            else:
+                cache = empty_cache(model_cfg, rows)
+                cache = cache if placement is None else placement.put_cache(cache)
         guided = cfg.guidance != 1.0 and history.shape[1] > 0
         z0 = _draw(noise_per_clip, k, (batch, n, h, w, c), "noise_per_clip",
                    lambda: initial_noise(seeds, (n, h, w, c), k, cfg.same_noise_every_clip))
         if use_cache:
-            clip = _denoise_cached(graphdef, state, cache, z0, sigmas, guided, guidance,
-                                   cfg.prediction_type)
+            clip = _denoise_cached(graphdef, state, cache, dev(z0), sigmas, guided, guidance,
+                                   cfg.prediction_type, placement=placement)
         else:
             seen = history
             if cfg.renoise_context and k > 0 and cfg.context_noise > 0:
                 eps = _draw(context_eps_per_clip, k, history.shape, "context_eps_per_clip",
                             lambda: context_eps(seeds, history.shape[1:], k))
                 seen = add_context_noise(history, eps, cfg.context_noise)
-            clip = _denoise_recompute(graphdef, state, seen, z0, sigmas, guided, guidance,
-                                      cfg.prediction_type)
-        clips.append(np.asarray(clip))
+            clip = _denoise_recompute(graphdef, state, dev(seen), dev(z0), sigmas, guided,
+                                      guidance, cfg.prediction_type, placement=placement)
+        clips.append(host(clip))
         if on_clip is not None:
             on_clip(k, clips[-1])
         if k + 1 == len(clip_sizes):
@@ -434,5 +576,6 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
         history = np.concatenate([history, new], axis=1)
         if use_cache:
             resets = cfg.cache_mode == "window" and history.shape[1] + clip_sizes[k + 1] > cfg.window
-            cache = None if resets else _extend_cache(graphdef, state, cache, new)
+            cache = None if resets else _extend_cache(graphdef, state, cache, dev(new),
+                                                      placement=placement)
     return np.concatenate(clips, axis=1)

@@ -173,3 +173,34 @@ def check_sufficiently_sharded(params, mesh: Mesh, tolerance: float) -> float:
             f"{[(k, tuple(x.shape)) for k, x in worst]}. Add logical-axis rules or pick mesh "
             "sizes that divide these dimensions.")
     return frac
+
+
+def parse_mesh(text: str) -> dict:
+    """`fsdp=8,context=8` -> {"fsdp": 8, "context": 8} (the `--mesh` flags)."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name not in MESH_AXES or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh {text!r}: expected axis=size pairs with axes {MESH_AXES}")
+        out[name] = int(value)
+    return out
+
+
+def mesh_of_sizes(sizes: dict, devices=None) -> Mesh:
+    """The four-axis mesh of `sizes` (missing axes are 1) over the first prod(sizes) of
+    `devices` (default: this process's devices, so every process of a multi-host run builds its
+    own mesh). Errors name the sizes and the device count."""
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh {sizes}: unknown axes {sorted(unknown)}; axes are {MESH_AXES}")
+    devices = list(jax.local_devices() if devices is None else devices)
+    shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+    if min(shape) < 1 or math.prod(shape) > len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: needs {math.prod(shape)} devices, "
+                         f"{len(devices)} available")
+    devices = devices[:math.prod(shape)]
+    try:
+        arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError):  # unknown topology or a subset: plain order
+        arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -42,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from vgpt_jax import plan as plan_lib
+    from vgpt_jax.sharding import parse_mesh
     h, w = (int(x) for x in args.latent_hw.split(","))
     plan = plan_lib.make_plan(
-        args.config, args.topology, plan_lib.parse_mesh(args.mesh), remat=args.remat,
+        args.config, args.topology, parse_mesh(args.mesh), remat=args.remat,
         dtype=args.dtype, global_batch=args.batch, grad_accum=args.grad_accum,
         num_frames=args.frames, latent_hw=(h, w), sampler=not args.no_sampler,
         context_frames=args.context_frames, clip_frames=args.clip_frames,
