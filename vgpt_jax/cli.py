@@ -11,6 +11,9 @@
     vgpt physics-iq       generate the Physics-IQ predictions from a checkpoint, then score them
     vgpt convert-official convert the released PyTorch weights
     vgpt plan             compile the train step / sampler for a TPU topology, print memory
+    vgpt features         pooled hidden states per video into a resumable npz store
+    vgpt probe            linear probes on stored features: top-1 per label, layer/pool sweep
+    vgpt retrieval        video-to-video retrieval by cosine similarity: R@1/5/10, median rank
 
 `vgpt <command> --help` lists a command's options. An error prints one line; `--debug`
 (anywhere on the command line) or VGPT_DEBUG=1 prints its traceback instead.
@@ -33,6 +36,9 @@ COMMANDS = {
     "convert-official": "vgpt_jax.commands.convert_official",
     "plan": "vgpt_jax.commands.plan_tpu",
     "physics-iq": "vgpt_jax.commands.physics_iq",
+    "features": "vgpt_jax.commands.features",
+    "probe": "vgpt_jax.commands.probe",
+    "retrieval": "vgpt_jax.commands.retrieval",
 }
 # `vgpt eval physics-iq ...` scores videos, not a checkpoint: it is `vgpt physics-iq score ...`.
 ALIASES = {("eval", "physics-iq"): ("physics-iq", "score")}

@@ -266,6 +266,36 @@ class Pipeline:
         return self._sample(sizes, cfg, _seeds(seed, batch_size), None, tuple(latent_size),
                             reencode, callback)
 
+    def features(self, video, *, layers=None, pool: str | Sequence[str] = "mean",
+                 t: float | None = None, seed: int | Sequence[int] = 0, batch_size: int = 8):
+        """Pooled hidden states of decoder `layers` (default all) per video, for probing and
+        retrieval (`vgpt_jax.features`): float32 [(B,) len(layers), D], or with a sequence of
+        pools a dict {pool: array}.
+
+        video: uint8 pixels [(B,) F, H, W, 3] (encoded to the posterior mean, so features are
+        deterministic) or float latents [(B,) F, h, w, C]. pool: "mean", "last_frame" or
+        "end_token". t: None for the clean copies, or the noise level of one noisy copy
+        (noise from `seed`: video b uses seed + b, or one seed per video). Runs on the
+        pipeline's mesh, or data parallel over every local device without one.
+        """
+        from vgpt_jax import features as features_lib
+        video = np.asarray(video)
+        if video.ndim not in (4, 5):
+            raise ValueError(f"video: expected [frames, H, W, 3] pixels or [frames, h, w, C] "
+                             f"latents (with an optional leading batch axis), got shape "
+                             f"{video.shape}")
+        batched = video.ndim == 5
+        video = video if batched else video[None]
+        latents = self._context_latents(video, [None] * len(video))
+        _check_finite(latents, "video latents", batched)
+        pools = (pool,) if isinstance(pool, str) else tuple(pool)
+        out = features_lib.extract(self.model, latents, layers=layers, pools=pools, t=t,
+                                   seeds=_seeds(seed, len(latents)), batch_size=batch_size,
+                                   placement=self.placement)
+        if not batched:
+            out = {p: v[0] for p, v in out.items()}
+        return out[pool] if isinstance(pool, str) else out
+
     # ------------------------------------------------------------------ helpers
 
     def _sampler_config(self, steps, guidance, window, time_shift, cache_mode, anchor_frames,

@@ -10,6 +10,7 @@ maps one-to-one onto Hugging Face `Phi3Model` weights. Each parameter carries lo
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -67,7 +68,7 @@ class DecoderStack(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, meta: TokenMeta, block_len: int, *,
                  cache: LayerKV | None = None, cache_meta: TokenMeta | None = None,
-                 return_kv: bool = False):
+                 return_kv: bool = False, tap: Callable | None = None):
         """Run the stack.
 
         x_BTD: input embeddings; positions_BT: RoPE positions; meta: token metadata [B, T].
@@ -75,6 +76,9 @@ class DecoderStack(nnx.Module):
         (the sampler's clean history), prepended to each layer's own keys and values.
         Returns hidden states [B, T, D] after the final norm, and with `return_kv` this call's
         own per-layer keys and values (to build a cache).
+        tap: a function of the residual stream [B, T, D] after each layer (e.g. a pooling, so
+        that no [layers, B, T, D] stack is ever held); with it, the call returns only its
+        outputs, stacked over layers: [layers, ...].
         """
         cfg = self.cfg
         cdt = dtype_of(cfg.dtype)
@@ -103,6 +107,8 @@ class DecoderStack(nnx.Module):
             gate, up = jnp.split(jnp.einsum("btd,dm->btm", y, p["gate_up_proj"]), 2, axis=-1)
             x = x + jnp.einsum("btm,md->btd", up * jax.nn.silu(gate), p["down_proj"])
             x = constrain(x, ("batch", "sequence", "embed"))
+            if tap is not None:
+                return x, tap(x)
             return x, (LayerKV(k, v) if return_kv else None)
 
         if cfg.remat_policy != "none":
@@ -110,13 +116,16 @@ class DecoderStack(nnx.Module):
         params = self._layer_params()
         x = constrain(x_BTD.astype(cdt), ("batch", "sequence", "embed"))
         if cfg.scan_layers:
-            x, kv = jax.lax.scan(layer, x, (params, cache))
+            x, per_layer = jax.lax.scan(layer, x, (params, cache))
         else:
             kvs = []
             for i in range(cfg.num_layers):
                 layer_slice = lambda tree: jax.tree.map(lambda a: a[i], tree)
                 x, kv_i = layer(x, (layer_slice(params), layer_slice(cache)))
                 kvs.append(kv_i)
-            kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if return_kv else None
+            per_layer = (jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+                         if return_kv or tap is not None else None)
+        if tap is not None:
+            return per_layer
         x = rms_norm(x, self.final_norm[...].astype(cdt), cfg.rms_norm_eps)
-        return (x, kv) if return_kv else x
+        return (x, per_layer) if return_kv else x
