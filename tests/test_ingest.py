@@ -317,3 +317,22 @@ def test_tfds_source_with_a_fake_catalog(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
     with pytest.raises(ImportError, match="pip install"):
         list(tfds_source.iter_tfds_videos("ucf101"))
+
+
+def test_folder_ingestion_measures_and_records_the_normalisation(clip_dir, tmp_path):
+    from vgpt_jax.vae.latent_space import NormalizedSpace
+    config = IngestConfig(mixed_sizes=True, normalize="shift_scale", **QUICK)
+    ingest_folder(clip_dir, tmp_path / "n", "space_to_depth:8", config, progress=False)
+    store = LatentStore(tmp_path / "n")
+    norm = store.normalization
+    assert norm is not None and norm.channels == 192
+    flat = np.concatenate([item["latents"].reshape(-1, 192) for item in store])
+    assert abs(flat.mean()) < 0.05 and abs(flat.std() - 1) < 0.1
+    # Normalised latents decode (through the recorded normalisation) to the same frames.
+    raw = LatentStore(ingest_folder(clip_dir, tmp_path / "r", "space_to_depth:8",
+                                    IngestConfig(mixed_sizes=True, **QUICK), progress=False)["output"])
+    space = NormalizedSpace(SpaceToDepth(8), norm)
+    for a, b in zip(store, raw):
+        assert a["source"] == b["source"]
+        diff = space.decode(a["latents"]).astype(int) - SpaceToDepth(8).decode(b["latents"]).astype(int)
+        assert np.abs(diff).max() <= 1

@@ -39,6 +39,11 @@ def main(argv=None) -> int:
     p.add_argument("--mixed-sizes", action="store_true",
                    help="keep videos of every frame size (a store for per-video evaluation; "
                         "training needs one size)")
+    p.add_argument("--normalize", choices=["none", "shift", "shift_scale"], default="none",
+                   help="measure a per-channel latent shift (and scale) over the first "
+                        "--normalize-sample-frames frames and store normalised latents: for spaces "
+                        "without a scaling factor of their own (space_to_depth, a small VAE)")
+    p.add_argument("--normalize-sample-frames", type=int, default=4096)
     p.add_argument("--min-side", type=int, default=128, help="reject sources with a shorter side below this")
     p.add_argument("--max-aspect", type=float, default=4.0)
     p.add_argument("--frame-stride", type=int, default=1)
@@ -58,7 +63,9 @@ def main(argv=None) -> int:
                           min_side=args.min_side, max_aspect=args.max_aspect, frame_stride=args.frame_stride,
                           min_frames=args.min_frames, max_frames=args.max_frames,
                           encode_batch=args.encode_batch, num_shards=args.shards, dtype=args.dtype,
-                          frame_size=args.frame_size, mixed_sizes=args.mixed_sizes)
+                          frame_size=args.frame_size, mixed_sizes=args.mixed_sizes,
+                          normalize=args.normalize,
+                          normalize_sample_frames=args.normalize_sample_frames)
     summary = ingest_folder(args.input, args.output, args.latent_space, config, num_workers=args.num_workers,
                             overwrite=args.overwrite, keep_work=args.keep_work, progress=not args.no_progress)
     print(json.dumps({k: summary[k] for k in ("num_files", "num_ingested", "num_skipped", "total_frames",

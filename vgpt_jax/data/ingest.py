@@ -69,6 +69,11 @@ class IngestConfig:
     dtype: str = "float16"      # storage dtype: float16 | bfloat16
     frame_size: tuple[int, int] | None = None  # (H, W): resize to cover, crop to exactly this
     mixed_sizes: bool = False   # keep every frame size (a store for per-video use, not training)
+    # Latent normalisation measured over the first `normalize_sample_frames` stored frames
+    # (vae.latent_space.LatentNormalization.measure): "none" keeps the space's latents (an SDXL
+    # VAE has its own scaling factor); "shift" or "shift_scale" for spaces without one.
+    normalize: str = "none"
+    normalize_sample_frames: int = 4096
 
 
 class SkipVideo(Exception):
@@ -404,8 +409,12 @@ def _write_shards(output, work, videos, keys, config, description, settings):
     sizes = {rel: _record_size(os.path.join(work, keys[rel] + ".rec")) for rel in videos}
     counts = collections.Counter(size for size in sizes.values() if size is not None)
     keep = max(counts, key=lambda size: (counts[size], size)) if counts else None
+    kept = [rel for rel in videos if sizes[rel] is not None
+            and (sizes[rel] == keep or config.mixed_sizes)]
+    normalization = _journal_normalization(work, keys, kept, config)
     writer = store_lib.StoreWriter(output, num_shards=config.num_shards, dtype=config.dtype,
-                                   latent_space=description, settings=settings, overwrite=True)
+                                   latent_space=description, settings=settings, overwrite=True,
+                                   normalization=normalization)
     for rel in videos:
         rec_path = os.path.join(work, keys[rel] + ".rec")
         if sizes[rel] is not None and sizes[rel] != keep and not config.mixed_sizes:
@@ -414,6 +423,8 @@ def _write_shards(output, work, videos, keys, config, description, settings):
         elif os.path.exists(rec_path):
             with open(rec_path, "rb") as f:
                 record = f.read()
+            if normalization is not None:
+                record = _normalized_record(record, normalization, rec_path)
             writer.add_encoded(record)
             header = store_lib.read_header(record, where=rec_path)
             ingested.append(rel)
@@ -425,6 +436,35 @@ def _write_shards(output, work, videos, keys, config, description, settings):
     summary = {"num_files": len(videos), "num_ingested": len(ingested), "ingested": ingested,
                "num_skipped": len(videos) - len(ingested), "skipped": skipped, "total_frames": total_frames}
     return summary, writer
+
+
+def _journal_normalization(work, keys, kept, config: IngestConfig):
+    """The normalisation measured over the journal's raw latents, in store order (so a resumed
+    run measures the same statistics); None for `normalize="none"`."""
+    if config.normalize == "none":
+        return None
+    from vgpt_jax.vae.latent_space import LatentNormalization
+    parts, count = [], 0
+    for rel in kept:
+        if count >= config.normalize_sample_frames:
+            break
+        path = os.path.join(work, keys[rel] + ".rec")
+        with open(path, "rb") as f:
+            latents = store_lib.decode_record(f.read(), where=path)[1]
+        latents = latents[:config.normalize_sample_frames - count]
+        count += len(latents)
+        parts.append(latents.reshape(-1, latents.shape[-1]))  # frame sizes may differ
+    if not parts:
+        return None  # nothing ingested: an empty store has nothing to normalise
+    return LatentNormalization.measure(np.concatenate(parts), config.normalize)
+
+
+def _normalized_record(record: bytes, normalization, where: str) -> bytes:
+    header, latents = store_lib.decode_record(record, where=where)
+    return store_lib.encode_record(
+        normalization.normalize(latents), fps=header["fps"], source=header["source"],
+        num_frames=header["num_frames"], dtype=header["dtype"],
+        latent_space=header["latent_space"], extra=header["extra"])
 
 
 def format_summary(summary: dict) -> str:
