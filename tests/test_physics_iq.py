@@ -3,6 +3,7 @@ aggregations, and a small release-layout folder scored end to end (ceiling, floo
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -429,3 +430,51 @@ def test_generate_then_score_end_to_end(release, tmp_path, capsys):
     # Other settings in the same folder are refused.
     assert cli.main(argv[:-1] + ["--guidance", "3", "--no-progress"]) == 1
     assert "other settings" in capsys.readouterr().err
+
+
+def _physics_export(tmp_path):
+    import dataclasses
+
+    import ml_collections
+
+    from test_sampling import random_model
+    from vgpt_jax import checkpoint
+
+    model = random_model(seed=5, latent_channels=12)
+    config = ml_collections.ConfigDict({"model": dataclasses.asdict(model.cfg),
+                                        "latent_space": {"kind": "space_to_depth", "downsample": 2}})
+    return checkpoint.export_model(str(tmp_path / "export"), model, config)
+
+
+def _decoded(folder):
+    return {name: np.stack(list(piq.read_frames(os.path.join(folder, name))))
+            for name in sorted(os.listdir(folder))}
+
+
+def test_generate_batched_on_a_mesh_and_spread_over_processes(release, tmp_path):
+    """--batch-size and --mesh change no prediction; with two processes (jax.distributed on
+    localhost) each writes its share of the videos, and process 0 scores the whole folder."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+    import subproc
+
+    export = _physics_export(tmp_path)
+    args = lambda out: ["physics-iq", "generate", "--checkpoint", export, "--release",
+                        release[0], "--out", str(tmp_path / out), "--seeds", "1", "--steps", "1",
+                        "--max-image-size", "16", "--no-progress"]
+    one = subproc.run(["-m", "vgpt_jax", *args("one")], timeout=300)
+    assert one.returncode == 0, one.stdout[-3000:]
+    batched = subproc.run(["-m", "vgpt_jax", *args("batched"), "--batch-size", "3",
+                           "--mesh", "data=1"], timeout=300)
+    assert batched.returncode == 0, batched.stdout[-3000:]
+    pair = subproc.run_pair(lambda port, i: ["tests/scripts/cli_distributed.py", str(port), str(i),
+                                             "2", *args("pair")], devices_each=1, timeout=400)
+    assert all(p.returncode == 0 for p in pair), [p.stdout[-3000:] for p in pair]
+    assert "process 1 of 2: wrote its share" in pair[1].stdout
+    expected = _decoded(str(tmp_path / "one" / "seed-0"))
+    for run in ("batched", "pair"):
+        got = _decoded(str(tmp_path / run / "seed-0"))
+        assert sorted(got) == sorted(expected)
+        for name, frames in expected.items():  # float summation order may move a pixel level
+            assert np.abs(got[name].astype(int) - frames).max() <= 1, (run, name)
+    scores = lambda run: json.load(open(tmp_path / run / "summary.json"))["runs"][0]
+    assert scores("pair")["original"] == pytest.approx(scores("one")["original"], abs=0.5)

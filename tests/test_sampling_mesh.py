@@ -74,3 +74,14 @@ def test_mesh_sizes_parse_and_refuse_clearly():
         sampling.Placement.of({"model": 1})
     one = sampling.Placement.of({})
     assert one.batch_multiple == 1 and one.mesh.size == 1
+
+
+def test_sample_command_takes_the_mesh_flag(capsys):
+    from vgpt_jax.commands import sample
+    base = ["--checkpoint", "c", "--input", "i.mp4", "--output", "o.mp4"]
+    args = sample.build_parser().parse_args(base + ["--mesh", "fsdp=2,context=2,tensor=2"])
+    assert args.mesh == {"fsdp": 2, "context": 2, "tensor": 2}
+    assert sample.build_parser().parse_args(base).mesh is None
+    with pytest.raises(SystemExit):
+        sample.build_parser().parse_args(base + ["--mesh", "fsdp=0"])
+    assert "axis=size pairs" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     python tools/sample.py --checkpoint exports/run1 --input clip.mp4 --output pred.mp4
     python tools/sample.py --checkpoint exports/run1 --input clip.mp4 --output pred.mp4 \
         --context-frames 56 --frame-stride 4 --clip-sizes 24 24 --guidance 1.5 --steps 50
+    python tools/sample.py ... --mesh fsdp=2,context=2,tensor=2    # on 8 devices
 
 The first `--context-frames` frames (after `--frame-stride`, resizing to `--max-image-size` and
 center-cropping, as ingestion does) are the context. When the input has more frames than that,
@@ -18,6 +19,22 @@ import sys
 import numpy as np
 
 from vgpt_jax import sampling
+
+
+def add_mesh_argument(p: argparse.ArgumentParser) -> None:
+    """`--mesh`, shared by the commands that sample."""
+    p.add_argument("--mesh", default=None, type=_mesh_sizes,
+                   help="sample on a mesh of this process's devices: axis=size pairs over data, "
+                        "fsdp, context, tensor (e.g. data=2,fsdp=4; missing axes are 1); "
+                        "default: one device (docs/sampling.md, 'Choosing a mesh')")
+
+
+def _mesh_sizes(text: str) -> dict:
+    from vgpt_jax.sharding import parse_mesh
+    try:
+        return parse_mesh(text)
+    except ValueError as e:  # argparse shows it as a usage error
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reencode", action="store_true",
                    help="decode -> uint8 -> encode each clip before it joins the history")
     p.add_argument("--seed", type=int, default=42)
+    add_mesh_argument(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -88,7 +106,7 @@ def main(argv=None) -> int:
     if args.latent_space is not None:
         from vgpt_jax.data.ingest import make_latent_space
         latent_space = make_latent_space(args.latent_space)
-    pipe = Pipeline.from_checkpoint(args.checkpoint, latent_space=latent_space)
+    pipe = Pipeline.from_checkpoint(args.checkpoint, latent_space=latent_space, mesh=args.mesh)
     if pipe.latent_space is None:
         raise ValueError(f"--checkpoint {args.checkpoint!r} has no latent_space section: give "
                          "--latent-space to turn video frames into latents")
