@@ -78,3 +78,21 @@ def test_eval_command_rejects_bad_input(demo_run, tmp_path):
     write_video(str(mixed / "b.gif"), rng.integers(0, 255, (5, 32, 32, 3), np.uint8), 8)
     with pytest.raises(ValueError, match="are needed"):
         evaluate.main(["--checkpoint", model, "--videos", str(mixed), "--out", str(tmp_path / "r")])
+
+
+def test_sample_command_defaults_to_the_trained_resolution(demo_run, tmp_path, capsys):
+    from vgpt_jax.commands import sample as sample_tool
+    from vgpt_jax.data.video_io import write_video
+    workdir, _ = demo_run
+    cfg = demo.demo_config("quick")
+    size = cfg.world.frame_size
+    big = str(tmp_path / "big.mp4")  # a real-sized input: 176x320, never trained on
+    write_video(big, np.random.default_rng(0).integers(0, 255, (6, 176, 320, 3), np.uint8), 8)
+    out = str(tmp_path / "pred.mp4")
+    sample_tool.main(["--checkpoint", os.path.join(workdir, "model"), "--input", big,
+                      "--output", out, "--context-frames", "3", "--frame-stride", "1",
+                      "--clip-sizes", "2", "--steps", "1", "--no-progress"])
+    frames, _ = read_video(out)
+    assert frames.shape[1:3] == (size, size)
+    assert f"resized to {size}x{size}, the resolution the model was trained at" in \
+        capsys.readouterr().err

@@ -262,7 +262,10 @@ def get_train_config(model: str = "tiny") -> ml_collections.ConfigDict:
         # The store's latent normalisation ({"shift": [C], "scale": [C]}; None: raw latents),
         # recorded from the store's manifest at start-up so every checkpoint and export carries
         # it (vgpt_jax.vae.latent_space.LatentNormalization).
-        latent_normalization=ml_collections.config_dict.placeholder(dict)))
+        latent_normalization=ml_collections.config_dict.placeholder(dict),
+        # (h, w) of the training latents, recorded at start-up: sampling commands default to the
+        # resolution the model was trained at.
+        latent_size=ml_collections.config_dict.placeholder(tuple)))
     cfg.checkpoint = ml_collections.ConfigDict(dict(
         save_interval_steps=1000, max_to_keep=3, async_save=True, save_on_preemption=True,
         init_from=""))           # previous stage's workdir or model export: params only

@@ -221,6 +221,8 @@ def markdown_report(report: dict) -> str:
         for t, h in report["history"].items():
             lines.append(f"| {t} | {h['true_context']:.4f} | {h['other_context']:.4f} | "
                          f"{h['no_context']:.4f} | {h['gain']:.2f} |")
+    if report.get("rollout"):
+        lines += ["", "#" + markdown_report(report["rollout"]).rstrip("\n")]
     if report.get("fvd"):
         lines += ["", "FVD: " + ", ".join(f"{k} {v:.1f}" for k, v in report["fvd"].items())]
     return "\n".join(lines) + "\n"
@@ -277,10 +279,16 @@ def write_report(report: dict, out_dir: str, videos=None, predictions=None,
         json.dump(report, f, indent=2)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(markdown_report(report))
-    if videos is None or predictions is None:
-        return
+    if videos is not None and predictions is not None:
+        write_grids(out_dir, videos, predictions, context_frames, max_grids, fps)
+
+
+def write_grids(out_dir: str, videos, predictions: dict[str, np.ndarray], context_frames: int,
+                max_grids: int = 8, fps: float = 8.0) -> None:
+    """Up to `max_grids` grid gifs `grid_NN_NAME.gif` (see `grid`) in `out_dir`."""
     from vgpt_jax.data.video_io import write_video
-    n = report["predict_frames"]
+    os.makedirs(out_dir, exist_ok=True)
+    n = next(iter(predictions.values())).shape[1]
     for i, v in enumerate(videos[:max_grids]):
         panels = {k: p[i] for k, p in predictions.items() if k != "copy_last_frame"}
         # panels: context | sample | 1-step mean | linear extrapolation | ground truth

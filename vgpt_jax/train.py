@@ -289,6 +289,7 @@ def _check_latents(source, name: str, model_cfg: ModelConfig, data_cfg) -> None:
         raise ValueError(f"data source {name!r}: latents have shape {shape}, expected [F, h, w, C]")
     _, h, w, c = shape
     model_cfg.check_latent_shape(h, w, c, what=f"data source {name!r}")
+    data_cfg.latent_size = (int(h), int(w))
     tokens = 2 * int(data_cfg.num_frames) * block_len_for(model_cfg, h, w)
     if tokens > model_cfg.max_seq_len:
         raise ValueError(f"data.num_frames={data_cfg.num_frames} at {h}x{w} latents makes "

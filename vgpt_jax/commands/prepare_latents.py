@@ -15,7 +15,7 @@ import sys
 from vgpt_jax.data.ingest import IngestConfig, ingest_folder
 
 
-def _width_x_height(text: str) -> tuple[int, int]:
+def width_x_height(text: str) -> tuple[int, int]:
     """'320x176' -> (176, 320): IngestConfig.frame_size is (H, W)."""
     try:
         width, height = (int(v) for v in text.lower().split("x"))
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
                    help="'space_to_depth:<d>' or a diffusers AutoencoderKL folder")
     p.add_argument("--max-image-size", type=int, default=320, help="longer side after resizing, px")
     p.add_argument("--crop-multiple", type=int, default=16)
-    p.add_argument("--frame-size", type=_width_x_height, default=None, metavar="WxH",
+    p.add_argument("--frame-size", type=width_x_height, default=None, metavar="WxH",
                    help="resize every video to cover WxH and center-crop it to exactly that (one "
                         "store holds one frame size; without this, videos whose size differs from "
                         "the most common one are skipped)")

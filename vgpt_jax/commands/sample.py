@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from vgpt_jax import sampling
+from vgpt_jax.commands.prepare_latents import width_x_height
 
 
 def add_mesh_argument(p: argparse.ArgumentParser) -> None:
@@ -47,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'space_to_depth:<d>' or a VAE folder; default: the checkpoint's")
     p.add_argument("--context-frames", type=int, default=56)
     p.add_argument("--frame-stride", type=int, default=4, help="keep every n-th input frame")
-    p.add_argument("--max-image-size", type=int, default=320, help="longer side, px")
+    p.add_argument("--frame-size", type=width_x_height, default=None, metavar="WxH",
+                   help="resize the input to cover WxH and center-crop to it (default: the "
+                        "resolution the model was trained at, when its export records it)")
+    p.add_argument("--max-image-size", type=int, default=320,
+                   help="longer side, px, when neither --frame-size nor the export gives a size")
     p.add_argument("--crop-multiple", type=int, default=None,
                    help="center-crop sides to a multiple of this (default: VAE x patch factor)")
     frames = p.add_mutually_exclusive_group()
@@ -72,20 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_context(path: str, stride: int, max_image_size: int, crop_multiple: int, max_frames):
-    """(frames uint8 [T, H, W, 3], fps after striding); unreadable files raise a ValueError."""
+def read_context(path: str, stride: int, max_image_size: int, crop_multiple: int, max_frames,
+                 frame_size: tuple[int, int] | None = None):
+    """(frames uint8 [T, H, W, 3], fps after striding); unreadable files raise a ValueError.
+    `frame_size` (H, W): resize to cover it and center-crop to exactly that size."""
     from vgpt_jax.data import ingest, video_io
 
     if not os.path.isfile(path):
         raise ValueError(f"--input {path!r}: no such file")
     config = ingest.IngestConfig(max_image_size=max_image_size, crop_multiple=crop_multiple,
                                  min_side=1, max_aspect=float("inf"), frame_stride=stride,
-                                 max_frames=max_frames)
+                                 max_frames=max_frames, frame_size=frame_size)
     try:
         frames, fps, _ = ingest.load_video_frames(path, config)
     except (video_io.VideoReadError, ingest.SkipVideo) as e:
         raise ValueError(f"--input {path!r}: cannot read the video ({e})") from e
     return frames, fps / stride
+
+
+def trained_frame_size(pipe) -> tuple[int, int] | None:
+    """(H, W) pixels of the model's training latents (`data.latent_size`), or None."""
+    size = (pipe.config or {}).get("data", {}).get("latent_size")
+    if not size:
+        return None
+    d = pipe.latent_space.downsample
+    return int(size[0]) * d, int(size[1]) * d
 
 
 def main(argv=None) -> int:
@@ -112,7 +128,12 @@ def main(argv=None) -> int:
                          "--latent-space to turn video frames into latents")
     crop = args.crop_multiple or pipe.latent_space.downsample * pipe.model.cfg.patch_size
     total = args.context_frames + sum(clip_sizes)
-    frames, fps = read_context(args.input, args.frame_stride, args.max_image_size, crop, total)
+    frame_size = args.frame_size or trained_frame_size(pipe)
+    if args.frame_size is None and frame_size is not None:
+        print(f"note: input resized to {frame_size[1]}x{frame_size[0]}, the resolution the model "
+              "was trained at (--frame-size WxH changes it)", file=sys.stderr)
+    frames, fps = read_context(args.input, args.frame_stride, args.max_image_size, crop, total,
+                               frame_size)
     context, truth = frames[:args.context_frames], frames[args.context_frames:]
     if len(frames) < args.context_frames:
         print(f"note: --context-frames={args.context_frames}, but {args.input} has only "
