@@ -44,7 +44,8 @@ def demo_config(size: str = "default") -> ml_collections.ConfigDict:
     cfg.data.num_frames = 8
     cfg.data.stride_min = cfg.data.stride_max = 1
     cfg.data.clip_mode = "random"
-    cfg.data.global_batch_size = 8
+    # 16 x 2400 steps beat 8 x 3600 at about the same CPU time on every held-out metric.
+    cfg.data.global_batch_size = 16
     cfg.optim.learning_rate = 2e-3
     cfg.optim.weight_decay = 0.0
     # The recipe's eps = 1e-5 is as large as this small model's gradients (per-parameter RMS
@@ -53,7 +54,7 @@ def demo_config(size: str = "default") -> ml_collections.ConfigDict:
     cfg.optim.schedule = "cosine"
     cfg.optim.warmup_steps = 100
     cfg.optim.end_lr_ratio = 0.1
-    cfg.train.steps = 3600
+    cfg.train.steps = 2400
     cfg.train.log_every = 50
     cfg.checkpoint.save_interval_steps = 500
     cfg.checkpoint.max_to_keep = 1
@@ -64,9 +65,9 @@ def demo_config(size: str = "default") -> ml_collections.ConfigDict:
         max_grids=8,
         # The longer rollout: 12 frames in 3 clips, each clip conditioned on the model's own.
         rollout_frames=12))
-    if size == "long":  # the results page's run (docs/results.md): about 30 minutes on 2 cores
+    if size == "long":  # 4x the data, 2.5x the steps: about 25 minutes on 2 idle cores (estimated)
         cfg.world.num_train_videos, cfg.world.num_test_videos = 8192, 64
-        cfg.train.steps = 4000
+        cfg.train.steps = 6000
         cfg.checkpoint.save_interval_steps = 1000
     elif size == "quick":
         cfg.world.num_train_videos, cfg.world.num_test_videos = 64, 2
