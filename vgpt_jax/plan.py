@@ -6,7 +6,8 @@ the train state and batch as `ShapeDtypeStruct`s carrying their shardings (nothi
 allocated), lowers and compiles
   - the train step (`train.make_train_step`: loss, gradients, AdamW, donated state), and
   - the sampler's per-clip program: all Euler steps of one clip against a KV cache of the
-    context frames (`sampling.cached_x1_fn` + `sampling.euler`), guided (a [2B] batch),
+    context frames, guided (a [2B] batch): the sampler's own compiled kernel with its
+    `sampling.Placement` layouts (what `Pipeline(mesh=...)` runs),
 and reads the compiler's per-chip memory (arguments, temporaries, outputs) and FLOP estimate.
 A compile proves the program fits and what XLA expects it to cost; it says nothing of run time.
 """
@@ -22,7 +23,6 @@ import time
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from vgpt_jax import checkpoint as ckpt_lib
 from vgpt_jax import diffusion, optim, sampling, train
@@ -226,40 +226,35 @@ def plan_train(config, devices, latent_hw=DEFAULT_LATENT_HW):
     return _program_plan("train_step", lower), mesh, rules, abstract
 
 
-def plan_sampler(model_cfg: ModelConfig, mesh, rules, abstract_params, *, batch: int,
-                 context_frames: int, clip_frames: int, steps: int,
-                 latent_hw=DEFAULT_LATENT_HW) -> ProgramPlan:
-    """Compile one clip of guided sampling: `steps` Euler steps of `clip_frames` noisy frames
-    against a KV cache of `context_frames` clean frames, `batch` videos ([2B] with guidance)."""
+def plan_sampler(model_cfg: ModelConfig, mesh, rules, *, batch: int, context_frames: int,
+                 clip_frames: int, steps: int, latent_hw=DEFAULT_LATENT_HW) -> ProgramPlan:
+    """Compile one clip of guided sampling as `sampling.sample_video` runs it on `mesh`: the
+    sampler's own kernel (`sampling._denoise_cached`, `steps` Euler steps of `clip_frames`
+    noisy frames against a KV cache of `context_frames` clean frames, `batch` videos, [2B]
+    with guidance) with its `sampling.Placement`'s layouts: parameters in the model's
+    param_dtype by the rules, the cache along the sequence over `context`, videos over the
+    batch axes."""
     h, w = latent_hw
-    L = block_len_for(model_cfg, h, w)
-    s = context_frames * L
-    graphdef = nnx.graphdef(ckpt_lib.abstract_model(model_cfg))
-    spec = lambda names: NamedSharding(mesh, shard_lib.logical_to_spec(names, rules))
+    s = context_frames * block_len_for(model_cfg, h, w)
+    # Built directly: an AOT topology's devices belong to hosts this process is not.
+    placement = sampling.Placement(mesh, tuple(rules))
+    abstract = ckpt_lib.abstract_model(model_cfg)
+    graphdef, params = nnx.split(abstract, nnx.Param)[:2]
+    params = _abstract(params.to_pure_dict(), placement.param_shardings(params))
+    put = lambda shape, dt, names: jax.ShapeDtypeStruct(shape, dt,
+                                                        sharding=placement.sharding(names, shape))
     kv_shape = (model_cfg.num_layers, batch, s, model_cfg.num_kv_heads, model_cfg.head_dim)
-    kv = jax.ShapeDtypeStruct(kv_shape, dtype_of(model_cfg.dtype),
-                              sharding=spec(("layers", "batch", "sequence", "heads", None)))
-    meta_sh = spec(("batch", "sequence"))
-    meta = TokenMeta(*(jax.ShapeDtypeStruct((batch, s), dt, sharding=meta_sh)
+    kv = put(kv_shape, dtype_of(model_cfg.dtype), sampling.KV_AXES)
+    meta = TokenMeta(*(put((batch, s), dt, sampling.META_AXES)
                        for dt in (jnp.int32, jnp.int32, jnp.bool_, jnp.bool_, jnp.int32)))
-    cache = KVCache(LayerKV(kv, kv), meta)
-    z0 = jax.ShapeDtypeStruct((batch, clip_frames, h, w, model_cfg.latent_channels), jnp.float32,
-                              sharding=spec(("batch", None, None, None, None)))
+    z0 = put((batch, clip_frames, h, w, model_cfg.latent_channels), jnp.float32,
+             sampling.BATCH_AXES)
     rep = shard_lib.replicated(mesh)
     sigmas = jax.ShapeDtypeStruct((steps + 1,), jnp.float32, sharding=rep)
     guidance = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-
-    def denoise(params, cache, z0, sigmas, guidance):
-        model = nnx.merge(graphdef, params)
-        x1_fn = sampling.cached_x1_fn(model, cache, clip_frames, L, guided=True)
-        return sampling.euler(x1_fn, z0, sigmas, guidance, guided=True)
-
-    jitted = jax.jit(denoise, out_shardings=z0.sharding)
-
-    def lower():
-        with shard_lib.activation_sharding(mesh, rules):
-            return jitted.lower(abstract_params, cache, z0, sigmas, guidance)
-    return _program_plan("sampler_clip", lower)
+    return _program_plan("sampler_clip", lambda: sampling._denoise_cached.lower(
+        graphdef, params, KVCache(LayerKV(kv, kv), meta), z0, sigmas, True, guidance, "x1",
+        placement=placement))
 
 
 def make_plan(config_name: str, topology: str, mesh: dict, *, remat: str | None = None,
@@ -287,7 +282,7 @@ def make_plan(config_name: str, topology: str, mesh: dict, *, remat: str | None 
     tokens = 2 * f * block_len_for(model_cfg, *latent_hw)
     sampler_plan = None
     if sampler:
-        sampler_plan = plan_sampler(model_cfg, mesh_obj, rules, abstract.params,
+        sampler_plan = plan_sampler(model_cfg, mesh_obj, rules,
                                     batch=mesh["data"] * mesh["fsdp"],
                                     context_frames=context_frames, clip_frames=clip_frames,
                                     steps=sampler_steps, latent_hw=latent_hw)
