@@ -11,6 +11,7 @@ once on the test split. The majority class of the training split is the floor to
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -46,6 +47,7 @@ def split_by_group(groups: np.ndarray, fraction: float, seed: int) -> tuple[np.n
     return np.nonzero(~out)[0], np.nonzero(out)[0]
 
 
+@functools.partial(jax.jit, static_argnums=(2, 4, 5))
 def _fit(x, y, num_classes, weight_decays, steps, lr):
     """Weights {w: [K, D, C], b: [K, C]} for K weight decays, trained side by side."""
     def loss(params, wd):
@@ -66,7 +68,7 @@ def _fit(x, y, num_classes, weight_decays, steps, lr):
 
         (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
         return params
-    return jax.jit(jax.vmap(train))(jnp.asarray(weight_decays, jnp.float32))
+    return jax.vmap(train)(weight_decays)
 
 
 def _predict(params, x, k):
@@ -99,12 +101,14 @@ def linear_probe(x: np.ndarray, labels: Sequence, groups: Sequence | None = None
     wds = [float(w) for w in weight_decays]
 
     xf, xv = _standardize(x[fit], x[val])
-    params = _fit(jnp.asarray(xf), jnp.asarray(y[fit]), len(classes), wds, steps, lr)
+    params = _fit(jnp.asarray(xf), jnp.asarray(y[fit]), len(classes),
+                  jnp.asarray(wds, jnp.float32), steps, lr)
     val_top1 = {w: float((_predict(params, xv, k) == y[val]).mean()) for k, w in enumerate(wds)}
     best = max(wds, key=lambda w: (val_top1[w], w))  # ties: the stronger regulariser
 
     xt, xs = _standardize(x[train], x[test])
-    params = _fit(jnp.asarray(xt), jnp.asarray(y[train]), len(classes), [best], steps, lr)
+    params = _fit(jnp.asarray(xt), jnp.asarray(y[train]), len(classes),
+                  jnp.asarray([best], jnp.float32), steps, lr)
     pred = _predict(params, xs, 0)
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     np.add.at(confusion, (y[test], pred), 1)
