@@ -2,10 +2,14 @@
 
     python benchmarks/sampling.py                       # 56 context frames, a 24-frame clip, 50 steps
     python benchmarks/sampling.py --steps 10 --histories 8 16 32 56
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/sampling.py \
+        --mesh data=2,fsdp=4 --batch 8                  # a batch of videos on a mesh
 
 A small-width model with random weights (timing does not depend on the values) on whatever
 device JAX finds. Each setting runs once to compile, then `--repeats` timed runs (the median is
-reported): the cached time includes building the cache from the history.
+reported): the cached time includes building the cache from the history. Clips per second
+count the `--batch` videos' clips; `--mesh` samples on a mesh of the local devices
+(`sampling.Placement`).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from vgpt_jax import checkpoint, sampling  # noqa: E402
+from vgpt_jax.sharding import parse_mesh  # noqa: E402
 from vgpt_jax.config import ModelConfig, block_len_for, get_model_config  # noqa: E402
 
 
@@ -36,10 +41,11 @@ def bench_model(hidden: int, layers: int, heads: int, mlp: int, seed: int = 0):
 
 
 def time_clip(model, history: int, clip: int, latent: int, cfg: sampling.SamplerConfig,
-              repeats: int) -> float:
+              repeats: int, batch: int = 1, placement=None) -> float:
     context = np.random.default_rng(1).standard_normal(
-        (1, history, latent, latent, model.cfg.latent_channels)).astype(np.float32)
-    run = lambda: sampling.sample_video(model, (clip,), cfg, [0], context_BFhwc=context)
+        (batch, history, latent, latent, model.cfg.latent_channels)).astype(np.float32)
+    run = lambda: sampling.sample_video(model, (clip,), cfg, list(range(batch)),
+                                        context_BFhwc=context, placement=placement)
     run()  # compile
     times = []
     for _ in range(repeats):
@@ -64,25 +70,32 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--mlp", type=int, default=512)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="videos sampled together")
+    p.add_argument("--mesh", default=None, help="axis=size pairs, e.g. data=2,fsdp=4")
     args = p.parse_args(argv)
 
     model = bench_model(args.hidden, args.layers, args.heads, args.mlp)
+    placement = None if args.mesh is None else sampling.Placement.of(parse_mesh(args.mesh))
+    if placement is not None:
+        model = placement.place_model(model)
     L = block_len_for(model.cfg, args.latent, args.latent)
     window = max([args.context, *args.histories]) + args.clip
     print(f"device: {jax.devices()[0].device_kind}; model: {args.layers} layers x {args.hidden} "
           f"wide; {L} tokens per frame; {args.clip}-frame clip; {args.steps} steps; guidance "
-          f"{args.guidance}")
+          f"{args.guidance}; {args.batch} video(s) on "
+          f"{'one device' if placement is None else dict(placement.mesh.shape)}")
     modes = {m: sampling.SamplerConfig(steps=args.steps, guidance=args.guidance, window=window,
                                        cache_mode=m) for m in ("window", "recompute")}
     rows = {}
     for history in sorted({args.context, *args.histories}):
-        rows[history] = {m: time_clip(model, history, args.clip, args.latent, cfg, args.repeats)
-                         for m, cfg in modes.items()}
+        rows[history] = {m: time_clip(model, history, args.clip, args.latent, cfg, args.repeats,
+                                      args.batch, placement) for m, cfg in modes.items()}
     print(f"\n{'history':>8} {'tokens':>7} {'cached s/clip':>14} {'recompute s/clip':>17} "
-          f"{'speed-up':>9}")
+          f"{'speed-up':>9} {'cached clips/s':>15}")
     for history, t in rows.items():
         print(f"{history:>8} {(history + args.clip) * L:>7} {t['window']:>14.3f} "
-              f"{t['recompute']:>17.3f} {t['recompute'] / t['window']:>8.2f}x")
+              f"{t['recompute']:>17.3f} {t['recompute'] / t['window']:>8.2f}x "
+              f"{args.batch / t['window']:>15.3f}")
     t = rows[args.context]
     print(f"\n{args.context} context frames + a {args.clip}-frame clip: cached "
           f"{t['window']:.3f} s, full recomputation {t['recompute']:.3f} s, ratio "
