@@ -5,15 +5,20 @@ preset on a 16-frame clip sequence. PyTorch reference, in the same run: transfor
 of the same width and depth with the same dense additive mask and positions, trained with
 AdamW on an MSE over its hidden states (the decoder is >95% of the FLOPs), eager and under
 `torch.compile`. Prints tokens/s, achieved GFLOP/s (analytic count, attention counted over the
-keys the mask actually lets each query see), MFU against a matmul peak measured here, and the
-JAX / PyTorch ratios.
+keys the mask actually lets each query see), MFU against a matmul peak measured here, the
+JAX / PyTorch ratios, and memory: the compiled JAX step's peak (XLA buffer assignment) and the
+process's peak resident set after each row (cumulative, so rows run JAX first).
 
     python benchmarks/train_step.py --model small --frames 16 --latent 16 --batch 1
+    python benchmarks/train_step.py --layers 8 --width 512 --heads 8 --mlp 1536
+    python benchmarks/train_step.py --mode 48f      # 48 frames of 16x16 latents (6336 tokens)
+    python benchmarks/train_step.py --mode stage4   # 80 frames of 40x22 SDXL latents (35520)
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -25,9 +30,17 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import mean_attended_keys, measured_matmul_peak, time_call  # noqa: E402
+from benchmarks.common import measured_matmul_peak, time_call  # noqa: E402
 from vgpt_jax import attention, config, diffusion, layout  # noqa: E402
 from vgpt_jax.model import VideoGPT  # noqa: E402
+
+# Stage 4 trains on 320x176 video; the SDXL VAE (8x down) gives 40x22 latent frames.
+MODES = {"16f": dict(frames=16, latent_hw=(16, 16)), "48f": dict(frames=48, latent_hw=(16, 16)),
+         "stage4": dict(frames=80, latent_hw=(22, 40))}
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 def jax_step_seconds(cfg, batch, repeats):
@@ -45,9 +58,13 @@ def jax_step_seconds(cfg, batch, repeats):
 
     key = jax.random.key(0)
     t0 = time.perf_counter()
-    jax.block_until_ready(step(state, batch, key))
+    compiled = step.lower(state, batch, key).compile()
+    mem = compiled.memory_analysis()
+    peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes) / 2**30
+    jax.block_until_ready(compiled(state, batch, key))
     compile_s = time.perf_counter() - t0
-    return time_call(lambda: step(state, batch, key)[1], repeats=repeats), compile_s
+    return time_call(lambda: compiled(state, batch, key)[1], repeats=repeats), compile_s, peak
 
 
 def torch_step_seconds(cfg, positions, mask_bool, compiled, repeats):
@@ -92,19 +109,25 @@ def torch_step_seconds(cfg, positions, mask_bool, compiled, repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times)), compile_s
+    return float(np.median(times)), compile_s, float("nan")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", choices=config.MODEL_PRESETS)
+    p.add_argument("--mode", choices=MODES, help="frames and latent size of a named setting")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--latent", type=int, default=16, help="latent frame side (h = w)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--attention", default="blockwise", choices=("dense", "blockwise", "dot_product"))
+    p.add_argument("--attention", default="blockwise",
+                   choices=("auto", "dense", "blockwise", "dot_product"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--layers", type=int, default=0, help="override the depth (0: preset)")
+    p.add_argument("--width", type=int, default=0, help="override the hidden size (0: preset)")
+    p.add_argument("--heads", type=int, default=0, help="override the heads (= kv heads)")
+    p.add_argument("--mlp", type=int, default=0, help="override the MLP width (0: preset)")
+    p.add_argument("--unrolled", action="store_true", help="a Python loop over layers, no scan")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-torch-compile", action="store_true")
     args = p.parse_args(argv)
@@ -112,44 +135,57 @@ def main(argv=None):
     mc = config.get_model_config(args.model)
     mc.attention.impl = args.attention
     mc.dtype = args.dtype
-    if args.layers:
-        mc.num_layers = args.layers
+    for field, value in (("num_layers", args.layers), ("hidden_size", args.width),
+                         ("num_heads", args.heads), ("num_kv_heads", args.heads),
+                         ("mlp_dim", args.mlp)):
+        if value:
+            mc[field] = value
+    mc.scan_layers = not args.unrolled
     cfg = config.ModelConfig.from_config(mc)
     rng = np.random.default_rng(0)
-    f, s = args.frames, args.latent
+    f, (h, w) = (args.frames, (args.latent, args.latent)) if not args.mode else (
+        MODES[args.mode]["frames"], MODES[args.mode]["latent_hw"])
     clip_ids = np.stack([layout.sample_clip_ids(rng, f) for _ in range(args.batch)])
-    batch = {"latents": jnp.asarray(rng.normal(size=(args.batch, f, s, s, cfg.latent_channels)),
+    batch = {"latents": jnp.asarray(rng.normal(size=(args.batch, f, h, w, cfg.latent_channels)),
                                     jnp.float32),
              "clip_ids": jnp.asarray(clip_ids)}
-    L = (s // cfg.patch_size) ** 2 + 2
+    L = config.block_len_for(cfg, h, w)
     lay = layout.training_layout(clip_ids, L)
     meta = layout.token_meta(lay)
-    mask = attention.dense_mask(meta, meta, L)
     tokens = args.batch * lay.num_tokens
-    attended = mean_attended_keys(mask)
+    # The mask row by row: the T x T mask itself does not fit at stage-4 lengths.
+    rows_of = lambda i: layout.TokenMeta(*(m[:, i:i + 1024] for m in meta))
+    attended = float(np.mean(np.concatenate([
+        np.asarray(attention.dense_mask(rows_of(i), meta, L)).sum(-1).ravel()
+        for i in range(0, lay.num_tokens, 1024)])))
     step_flops = 3 * cfg.matmul_flops_per_token(attended) * tokens  # forward + 2x backward
 
     peak = measured_matmul_peak(jnp.float32 if args.dtype == "float32" else jnp.bfloat16)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s ({args.dtype})")
     print(f"model {args.model}: {cfg.num_layers} layers, width {cfg.hidden_size}, "
-          f"{cfg.num_params() / 1e6:.1f}M params; {args.batch} x {f} frames, {L} tokens/block, "
-          f"{lay.num_tokens} tokens/sample, {attended:.0f} keys/query on average")
+          f"{cfg.num_heads} heads, MLP {cfg.mlp_dim}, {cfg.num_params() / 1e6:.1f}M params; "
+          f"{args.batch} x {f} frames of {h}x{w}, {L} tokens/block, {lay.num_tokens} "
+          f"tokens/sample, {attended:.0f} keys/query on average; load {os.getloadavg()[0]:.1f}")
     rows = []
-    sec, comp = jax_step_seconds(cfg, batch, args.repeats)
-    rows.append((f"vgpt_jax jit ({args.attention})", sec, comp))
+    backend = attention.resolve_impl(cfg.attention, lay.num_tokens)
+    sec, comp, jax_peak = jax_step_seconds(cfg, batch, args.repeats)
+    layers = "unrolled" if args.unrolled else "scan"
+    rows.append((f"vgpt_jax jit ({backend}, {layers})", sec, comp, jax_peak, peak_rss_gb()))
     if not args.no_torch:
         pos = layout.token_positions(lay)
-        rows.append(("PyTorch Phi3Model eager", *torch_step_seconds(cfg, pos, mask, False,
-                                                                     args.repeats)))
+        mask = attention.dense_mask(meta, meta, L)
+        rows.append(("PyTorch Phi3Model eager",
+                     *torch_step_seconds(cfg, pos, mask, False, args.repeats), peak_rss_gb()))
         if not args.no_torch_compile:
             rows.append(("PyTorch Phi3Model torch.compile",
-                         *torch_step_seconds(cfg, pos, mask, True, args.repeats)))
+                         *torch_step_seconds(cfg, pos, mask, True, args.repeats), peak_rss_gb()))
     print(f"\n{'implementation':36s} {'step ms':>9s} {'tokens/s':>10s} {'GFLOP/s':>9s} "
-          f"{'MFU':>6s} {'compile s':>9s} {'time/JAX':>8s}")
-    for name, sec, comp in rows:
+          f"{'MFU':>6s} {'compile s':>9s} {'time/JAX':>8s} {'step GB':>8s} {'RSS GB':>7s}")
+    for name, sec, comp, step_gb, rss in rows:
         print(f"{name:36s} {sec * 1e3:9.1f} {tokens / sec:10.0f} {step_flops / sec / 1e9:9.1f} "
-              f"{step_flops / sec / peak:6.1%} {comp:9.1f} {sec / rows[0][1]:8.2f}x")
+              f"{step_flops / sec / peak:6.1%} {comp:9.1f} {sec / rows[0][1]:8.2f}x "
+              f"{step_gb:8.2f} {rss:7.2f}")
 
 
 if __name__ == "__main__":

@@ -298,8 +298,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def tile_blocks(tokens: int, block_len: int, num_blocks: int) -> int:
-    """Frame blocks per tile for a tile of about `tokens` tokens (at least one, at most all)."""
-    return max(1, min(round(tokens / block_len), num_blocks))
+    """Frame blocks per tile for tiles of about `tokens` tokens, evened out over the sequence so
+    that padding stays under one block per tile."""
+    tiles = -(-num_blocks // max(1, round(tokens / block_len)))
+    return -(-num_blocks // tiles)
 
 
 def blockwise_attention(q, k, v, q_meta, kv_meta, block_len, block_q=256, block_kv=256):
