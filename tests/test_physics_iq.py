@@ -474,7 +474,11 @@ def test_generate_batched_on_a_mesh_and_spread_over_processes(release, tmp_path)
     for run in ("batched", "pair"):
         got = _decoded(str(tmp_path / run / "seed-0"))
         assert sorted(got) == sorted(expected)
-        for name, frames in expected.items():  # float summation order may move a pixel level
-            assert np.abs(got[name].astype(int) - frames).max() <= 1, (run, name)
+        for name, frames in expected.items():
+            # The files are lossy H.264: float summation order moves a prediction's pixels by a
+            # level, and the encoder turns that into differences of up to tens of levels in a
+            # few pixels (measured mean 0.34). Another seed's prediction moves every pixel.
+            diff = np.abs(got[name].astype(int) - frames)
+            assert diff.mean() < 1.0, (run, name, diff.mean())
     scores = lambda run: json.load(open(tmp_path / run / "summary.json"))["runs"][0]
     assert scores("pair")["original"] == pytest.approx(scores("one")["original"], abs=0.5)
