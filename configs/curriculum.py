@@ -1,11 +1,11 @@
-"""The shared base of the four curriculum stages (video_gpt.md section 5) on the Phi-3-mini
+"""The shared base of the four curriculum stages of the paper on the Phi-3-mini
 backbone: AdamW 1e-4 / (0.9, 0.95) / eps 1e-5 / wd 0.1 / clip 1.0, float32 master params with
 bfloat16 compute, full rematerialisation (the official run had gradient checkpointing on),
 scan over layers, FSDP over all devices of a host and data parallelism across hosts.
 
 The official scripts warm up for 320k steps with `constant_with_warmup`, longer than any stage,
 so the lr never leaves warmup unless the scheduler carries over; we warm up per stage for
-`WARMUP` steps instead and say so here (video_gpt.md flags the official value as suspicious).
+`WARMUP` steps instead and say so here (320k looks like a slip in the official scripts).
 """
 from vgpt_jax.config import get_train_config
 

@@ -127,7 +127,7 @@ def reference_sequence(model, noisy_FCHW, clean_FCHW, t_F, clip_ids):
 
 
 def reference_mask(blocks):
-    """The hierarchical mask written per block pair, from video_gpt.md section 3."""
+    """The hierarchical mask written per block pair, from the official mask builder's rules."""
     n = len(blocks)
     mask = np.zeros((n * L, n * L), bool)
     clean_in_frame = np.zeros((L, L), bool)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from vgpt_jax.data import ingest, video_io
-from vgpt_jax.data.ingest import IngestConfig, ingest_arrays, ingest_folder, load_video_frames, make_latent_space
+from vgpt_jax.data.ingest import IngestConfig, ingest_arrays, ingest_folder, load_video_frames
+from vgpt_jax.vae.latent_space import make_latent_space
 from vgpt_jax.data.store import MANIFEST, LatentStore, StoreError
 from vgpt_jax.vae.latent_space import SpaceToDepth
 

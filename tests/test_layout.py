@@ -1,7 +1,7 @@
 """The sequence layout and the mask rule, checked against an independent per-token reference.
 
 The reference below rebuilds the official sequence order [NS(clip1) CL(clip1) ... NS(clipK)] and
-its mask token by token from the rules in video_gpt.md (loops, no shared code with
+its mask token by token from the official mask builder's rules (loops, no shared code with
 `vgpt_jax.attention`); our frame-major layout must give the same mask on every pair of real
 tokens, and no real token may see padding.
 """

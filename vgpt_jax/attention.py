@@ -1,7 +1,7 @@
 """Attention under the hierarchical next-clip mask, written once as a rule over token metadata.
 
 `visible(q, k, block_len)` is the mask: which key token a query token may attend to. The rule
-(verified against the official mask builder, see `../shared/reference/video_gpt.md`):
+(verified against the official mask builder by running it):
 
 - clean query: sees every token of clean frames at earlier frames (across clips: clean frames
   are frame-causal), and inside its own frame block: `<img>` sees only itself, image tokens see

@@ -219,7 +219,7 @@ def resolve_params(directory: str, step: int | None = None) -> tuple[str, ml_col
 #   config/       the run ConfigDict as JSON
 #   integrity/    content hashes of the above (see "Content hashes"), written in the same commit
 # Restores always target abstract arrays carrying the *current* mesh's shardings, so a
-# checkpoint restores onto any mesh (multihost.md section 3).
+# checkpoint restores onto any mesh, and any process count whose devices cover it.
 
 CHECKPOINTS_DIR = "checkpoints"
 INTEGRITY = "integrity"

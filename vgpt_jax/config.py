@@ -229,7 +229,7 @@ DEFAULT_LOGICAL_RULES = (
 
 
 def get_train_config(model: str = "tiny") -> ml_collections.ConfigDict:
-    """Every knob of a training run, with the recipe's defaults (video_gpt.md section 5)."""
+    """Every knob of a training run, with the recipe's defaults (the paper and the official scripts)."""
     cfg = ml_collections.ConfigDict()
     cfg.model = get_model_config(model)
     cfg.objective = ml_collections.ConfigDict(dict(
@@ -238,7 +238,7 @@ def get_train_config(model: str = "tiny") -> ml_collections.ConfigDict:
         prediction_type="x1"))  # "v": the velocity x1 - eps (exports record it for sampling)
     cfg.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, grad_clip_norm=1.0,
-        # The official scripts use constant_with_warmup (320k warmup steps, see video_gpt.md).
+        # The official scripts use constant_with_warmup (320k warmup steps).
         schedule="constant_with_warmup", warmup_steps=0,
         decay_steps=0,          # cosine/linear: steps of decay after warmup; 0 = to train.steps
         end_lr_ratio=0.0,       # cosine/linear: final lr as a fraction of learning_rate

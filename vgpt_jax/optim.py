@@ -1,7 +1,7 @@
 """The optimiser: optax AdamW with gradient clipping, learning-rate schedules, and gradient
 accumulation over microbatches inside one jitted step.
 
-Defaults are the recipe's (video_gpt.md section 5): AdamW lr 1e-4, betas (0.9, 0.95), eps 1e-5,
+Defaults are the recipe's (the paper and the official training scripts): AdamW lr 1e-4, betas (0.9, 0.95), eps 1e-5,
 weight decay 0.1 on every parameter (torch AdamW over `model.parameters()`), global-norm clip
 1.0, constant learning rate after a linear warmup.
 """

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     video_io.check_writable(args.output)  # before the minutes of sampling, not after
     latent_space = "auto"  # the checkpoint config's
     if args.latent_space is not None:
-        from vgpt_jax.data.ingest import make_latent_space
+        from vgpt_jax.vae.latent_space import make_latent_space
         latent_space = make_latent_space(args.latent_space)
     pipe = Pipeline.from_checkpoint(args.checkpoint, latent_space=latent_space, mesh=args.mesh)
     if pipe.latent_space is None:

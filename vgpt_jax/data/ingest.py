@@ -43,6 +43,7 @@ import numpy as np
 
 from vgpt_jax.data import store as store_lib
 from vgpt_jax.data import video_io
+from vgpt_jax.vae.latent_space import make_latent_space
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm", ".gif", ".mpg", ".mpeg", ".flv")
 TOO_SMALL, BAD_ASPECT, TOO_SHORT = "too_small", "bad_aspect", "too_short"
@@ -86,40 +87,8 @@ class SkipVideo(Exception):
 
 # ----------------------------------------------------------------------------- latent spaces
 
-def make_latent_space(spec):
-    """`space_to_depth:<d>` -> SpaceToDepth(d); a folder -> the diffusers-format AutoencoderKL in it;
-    a LatentSpace instance is returned as is."""
-    from vgpt_jax.vae.latent_space import LatentSpace, SpaceToDepth
-
-    if isinstance(spec, LatentSpace):
-        return spec
-    spec = str(spec)
-    if spec.startswith("space_to_depth:"):
-        return SpaceToDepth(int(spec.split(":", 1)[1]))
-    if os.path.isdir(spec):
-        from vgpt_jax.vae import latent_space as latent_space_module
-
-        config_factory = getattr(latent_space_module, "make_latent_space", None)
-        if config_factory is not None:  # the VAE work's config-driven factory, when present
-            return config_factory({"kind": "autoencoder_kl", "path": spec})
-        try:
-            from vgpt_jax.vae import autoencoder_kl  # written by the VAE work; may not exist yet
-        except ImportError as e:
-            raise ValueError(f"latent space {spec!r}: loading a VAE folder needs vgpt_jax.vae.autoencoder_kl "
-                             f"({e})") from e
-        space_cls = getattr(autoencoder_kl, "AutoencoderKLSpace", None)
-        for loader in ("from_pretrained", "from_diffusers", "load"):
-            if space_cls is not None and hasattr(space_cls, loader):
-                return getattr(space_cls, loader)(spec)
-        raise ValueError(f"latent space {spec!r}: vgpt_jax.vae.autoencoder_kl.AutoencoderKLSpace has no "
-                         f"from_pretrained/load constructor")
-    raise ValueError(f"latent space {spec!r}: expected 'space_to_depth:<d>' or a VAE folder")
-
-
 def describe_latent_space(space, spec=None) -> str:
     """A string for the manifest and records: the CLI spec when there is one, else class and geometry."""
-    if hasattr(space, "describe"):
-        return str(space.describe())
     if isinstance(spec, str):
         return spec
     return f"{type(space).__name__}(downsample={space.downsample}, channels={space.channels})"

@@ -11,7 +11,7 @@ elements [k * B, (k + 1) * B); a process reads only the rows its devices hold (f
 sharding), so the global batch, and hence training, is the same for any process count. The
 iterator's state is its next batch index (grain checkpoint handler).
 
-Frame sampling (video_gpt.md section 2): N frames at an integer stride s from a random start;
+Frame sampling (as the official data loader): N frames at an integer stride s from a random start;
 s is fixed (stride_min == stride_max) or drawn per sample from [stride_min, min(stride_max,
 floor((T - 1) / (N - 1)))]. Videos shorter than (N - 1) * stride_min + 1 frames are dropped
 when the pipeline is built: nothing to drop when the store manifest's `min_frames` suffices,
@@ -159,8 +159,8 @@ def make_dataset(source, data_cfg, *, rows: tuple[int, int] | None = None,
 
 
 def _allow_grain_workers():
-    """grain's workers read absl flags; outside `absl.app.run` they are unparsed (jax_stack.md
-    section 5), so mark them parsed with their defaults."""
+    """grain's workers read absl flags; outside `absl.app.run` they are unparsed (absl
+    raises UnparsedFlagAccessError), so mark them parsed with their defaults."""
     from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()

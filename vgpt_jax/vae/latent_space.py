@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import os
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -84,6 +86,7 @@ class SpaceToDepth(LatentSpace):
 
 
 NORMALIZE_MODES = ("none", "shift", "shift_scale")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +229,9 @@ _SPACE_KEYS = {
 
 
 def make_latent_space(config) -> LatentSpace:
-    """Build a latent space from a config mapping (dict or ConfigDict).
+    """The one latent-space factory: a LatentSpace is returned as is; a string is a command-line
+    spec (`space_to_depth:<d>`, or a diffusers AutoencoderKL folder or hub id); else a config
+    mapping (dict or ConfigDict):
 
     `{"kind": "space_to_depth", "downsample": 2}` or
     `{"kind": "autoencoder_kl", "path": "<diffusers folder or hub id>", "subfolder": None, "batch_size": 8,
@@ -234,7 +239,16 @@ def make_latent_space(config) -> LatentSpace:
     Either may carry `"normalization": {"shift": [C floats], "scale": [C floats]}` (see
     `LatentNormalization`), which wraps the space in a `NormalizedSpace`.
     """
-    cfg = dict(config or {})
+    if isinstance(config, LatentSpace):
+        return config
+    if isinstance(config, str):
+        if config.startswith("space_to_depth:"):
+            return SpaceToDepth(int(config.split(":", 1)[1]))
+        if not (os.path.isdir(config) or _HUB_ID.fullmatch(config)):
+            raise ValueError(f"latent space {config!r}: expected 'space_to_depth:<d>', a VAE "
+                             "folder, or a hub id 'owner/name'")
+        config = {"kind": "autoencoder_kl", "path": config}
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
     kind = cfg.get("kind", "space_to_depth")
     if kind not in _SPACE_KEYS:
         raise ValueError(f"latent space kind {kind!r} unknown; expected one of {sorted(_SPACE_KEYS)}")
