@@ -30,7 +30,8 @@ COLUMNS = ("name", "group", "take") + LABELS
 
 @dataclasses.dataclass(frozen=True)
 class ProbeSetConfig:
-    """Defaults match the demo's world (32 px, 16 fps, up to 2 balls) plus pendulums."""
+    """The probing world: 32 px, 16 fps, up to 2 balls, plus pendulums (the main job's world
+    runs at 32 fps; pass fps=32.0 to probe a model on its own frame rate)."""
     num_scenarios: int = 512
     num_frames: int = 16
     frame_size: int = 32
