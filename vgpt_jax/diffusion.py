@@ -118,7 +118,8 @@ def loss(model: VideoGPT, batch: dict, rng, cfg: ObjectiveConfig = ObjectiveConf
 
 def denoising_error(model: VideoGPT, latents_BFhwc, clip_ids_BF, t, rng,
                     cfg: ObjectiveConfig = ObjectiveConfig()):
-    """Per-frame x1 MSE `[B, F]` when every clip is noised to level `t` (a scalar or `[B, F]`),
+    """Per-frame MSE `[B, F]` of the prediction (x1, or v as `cfg.prediction_type` says) when
+    every clip is noised to level `t` (a scalar or `[B, F]`),
     under the training layout: what the loss sees, at a chosen t instead of a random one.
 
     Evaluation uses it to ask whether a model reads its history: the error of the last clip with

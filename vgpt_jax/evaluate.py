@@ -134,10 +134,11 @@ def ball_scores(predictions: dict[str, np.ndarray], videos, context_frames) -> d
 
 def history_usage(pipeline, videos, context_frames: int, predict_frames: int, *,
                   ts=HISTORY_TS, draws: int = 4, seed: int = 0) -> dict:
-    """Does the model read its history? The x1 error (latent MSE) of the predicted frames at
+    """Does the model read its history? The error (latent MSE) of the predicted frames at
     noise levels `ts`, with the true context, with another video's context (the batch rolled
     by one) and with no context (the frames as a first clip), averaged over videos and `draws`
-    noise draws (`diffusion.denoising_error`). A model that ignores its history has three equal
+    noise draws (`diffusion.denoising_error`). The error is of what the network predicts: x1,
+    or the velocity for a v-prediction model. A model that ignores its history has three equal
     columns; `gain` is no-context error over true-context error."""
     import jax
     import jax.numpy as jnp
@@ -148,10 +149,13 @@ def history_usage(pipeline, videos, context_frames: int, predict_frames: int, *,
     c, p = context_frames, predict_frames
     z = np.stack([space.encode(v.frames[:c + p]) for v in videos])
     graphdef, state = nnx.split(pipeline.model)
+    objective = diffusion.ObjectiveConfig(
+        prediction_type=getattr(pipeline, "prediction_type", "x1"))
 
     @jax.jit
     def error(state, latents, clip_ids, t, rng):
-        return diffusion.denoising_error(nnx.merge(graphdef, state), latents, clip_ids, t, rng)
+        return diffusion.denoising_error(nnx.merge(graphdef, state), latents, clip_ids, t, rng,
+                                         objective)
 
     b = len(videos)
     with_history = jnp.asarray(np.repeat([[0] * c + [1] * p], b, 0))

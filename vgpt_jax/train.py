@@ -280,8 +280,9 @@ def _objective(cfg) -> diffusion.ObjectiveConfig:
     return obj
 
 
-def _check_latents(source, name: str, model_cfg: ModelConfig, data_cfg) -> None:
-    """The data's latent geometry against the model, before anything is compiled."""
+def _check_latents(source, name: str, model_cfg: ModelConfig, data_cfg) -> tuple[int, int]:
+    """The data's latent geometry against the model, before anything is compiled; returns the
+    latents' (h, w), which the run config records (`data.latent_size`)."""
     if len(source) == 0:
         raise ValueError(f"data source {name!r} holds no videos")
     shape = tuple(np.shape(source[0]["latents"]))
@@ -289,11 +290,11 @@ def _check_latents(source, name: str, model_cfg: ModelConfig, data_cfg) -> None:
         raise ValueError(f"data source {name!r}: latents have shape {shape}, expected [F, h, w, C]")
     _, h, w, c = shape
     model_cfg.check_latent_shape(h, w, c, what=f"data source {name!r}")
-    data_cfg.latent_size = (int(h), int(w))
     tokens = 2 * int(data_cfg.num_frames) * block_len_for(model_cfg, h, w)
     if tokens > model_cfg.max_seq_len:
         raise ValueError(f"data.num_frames={data_cfg.num_frames} at {h}x{w} latents makes "
                          f"{tokens} tokens, over model.max_seq_len={model_cfg.max_seq_len}")
+    return int(h), int(w)
 
 
 def _adopt_normalization(config, source, name: str) -> None:
@@ -363,7 +364,7 @@ def build(config, data_source=None, devices=None) -> Setup:
     _check_batch(config, mesh, rules)
     source = data_source if data_source is not None else input_pipeline.open_source(config.data.store)
     name = config.data.store or type(source).__name__
-    _check_latents(source, name, model_cfg, config.data)
+    config.data.latent_size = _check_latents(source, name, model_cfg, config.data)
     _adopt_normalization(config, source, name)
 
     tx, schedule = optim.make_optimizer(config.optim, int(config.train.steps))
@@ -396,10 +397,11 @@ def initial_state(run: Setup, ckpt: ckpt_lib.TrainCheckpointer, data_iter, *,
     for step in ckpt.all_steps():
         where = ckpt.step_dir(step)
         try:
+            saved = ckpt.restore_config(step)
             # A model trained on other latents never resumes, whatever allow_config_change says.
-            _check_resume_normalization(run.config, ckpt, step)
-            ckpt_lib.check_resume_config(ckpt.restore_config(step), run.config, where,
-                                         allow_config_change)
+            _check_same_data_normalization(run.config, saved, f"checkpoint step {step} in "
+                                           f"{ckpt.directory}")
+            ckpt_lib.check_resume_config(saved, run.config, where, allow_config_change)
             params, aux = ckpt.restore(step, abstract.params, abstract.aux(), data_iter)
         except ckpt_lib.CorruptCheckpointError as e:
             log.warning("skipping checkpoint step %d: %s", step, e)
@@ -434,11 +436,6 @@ def _check_same_data_normalization(config, other_config, other_name: str) -> Non
                                 other_name, f"the data of this run ({config.data.store or 'source'})")
 
 
-def _check_resume_normalization(config, ckpt, step: int) -> None:
-    _check_same_data_normalization(config, ckpt.restore_config(step),
-                                   f"checkpoint step {step} in {ckpt.directory}")
-
-
 def train(config, workdir: str, data_source=None, *, on_step=None, devices=None,
           allow_config_change: bool = False) -> TrainResult:
     """Run or resume the training run of `config` in `workdir` (see the module docstring).
@@ -471,7 +468,7 @@ def train(config, workdir: str, data_source=None, *, on_step=None, devices=None,
     last, preempted, step = {}, False, start
     last_finite = start  # the newest step whose whole state was checked finite (saves check it)
     t_last, step_last, seq_len = time.perf_counter(), start, None
-    history_window = jnp.zeros(2)
+    history_window = []  # (first-clip, with-history) loss arrays since the last log, unfetched
     try:
         while step < total:
             batch = run.global_batch_of(next(data_iter))
@@ -479,8 +476,7 @@ def train(config, workdir: str, data_source=None, *, on_step=None, devices=None,
                 _, f, h, w, _ = batch["latents"].shape
                 seq_len = 2 * f * block_len_for(model_cfg, h, w)
             state, metrics = run.step_fn(state, batch)
-            history_window = history_window + jnp.stack(
-                [metrics["loss_first_clip"], metrics["loss_with_history"]])
+            history_window.append((metrics["loss_first_clip"], metrics["loss_with_history"]))
             step += 1
             if on_step is not None:
                 on_step(step, metrics)
@@ -490,9 +486,9 @@ def train(config, workdir: str, data_source=None, *, on_step=None, devices=None,
                 scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 # First-clip loss over with-history loss, summed over the steps since the last
                 # log: above 1 when the model reads its history (one batch alone is too noisy).
-                first, with_history = (float(v) for v in jax.device_get(history_window))
-                scalars["history_gain"] = first / max(with_history, 1e-12)
-                history_window = jnp.zeros(2)
+                first, with_history = np.sum(jax.device_get(history_window), axis=0)
+                scalars["history_gain"] = float(first / max(with_history, 1e-12))
+                history_window = []
                 for key, other in (("loss", "grad_norm"), ("grad_norm", "loss")):
                     if not np.isfinite(scalars[key]):
                         _stop_non_finite(f"non-finite {key} {scalars[key]} at step {step} "

@@ -43,7 +43,7 @@ import numpy as np
 
 from vgpt_jax.data import store as store_lib
 from vgpt_jax.data import video_io
-from vgpt_jax.vae.latent_space import make_latent_space
+from vgpt_jax.vae.latent_space import LatentNormalization, make_latent_space, raw_space, with_normalization
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm", ".gif", ".mpg", ".mpeg", ".flv")
 TOO_SMALL, BAD_ASPECT, TOO_SHORT = "too_small", "bad_aspect", "too_short"
@@ -94,21 +94,18 @@ def describe_latent_space(space, spec=None) -> str:
     return f"{type(space).__name__}(downsample={space.downsample}, channels={space.channels})"
 
 
-def measure_normalization(space, videos_THW3: Iterable[np.ndarray], mode: str, max_frames: int,
-                          encode_batch: int = 16):
-    """`LatentNormalization.measure` over the raw latents of the first `max_frames` frames of
-    `videos_THW3` (uint8 `[T, H, W, 3]` each), encoded by `space` without any normalisation."""
-    from vgpt_jax.vae.latent_space import LatentNormalization, raw_space
-    base, parts, count = raw_space(space), [], 0
-    for frames in videos_THW3:
+def measure_normalization(latents: Iterable[np.ndarray], mode: str, max_frames: int):
+    """`LatentNormalization.measure` over the first `max_frames` frames of raw (unnormalised)
+    latents `[T, h, w, C]` per video, consumed lazily; None when there are none (an empty store
+    has nothing to normalise). Frame sizes may differ between videos."""
+    parts, count = [], 0
+    for video in latents:
         if count >= max_frames:
             break
-        part = encode_in_batches(base, np.asarray(frames)[:max_frames - count], encode_batch)
-        parts.append(part)
-        count += len(part)
-    if not parts:
-        raise ValueError("latent normalization: no frames to measure statistics on")
-    return LatentNormalization.measure(np.concatenate(parts), mode)
+        video = np.asarray(video)[:max_frames - count]
+        count += len(video)
+        parts.append(video.reshape(-1, video.shape[-1]))
+    return LatentNormalization.measure(np.concatenate(parts), mode) if parts else None
 
 
 def encode_in_batches(space, frames_THW3: np.ndarray, batch: int, dtype=np.float32) -> np.ndarray:
@@ -412,20 +409,14 @@ def _journal_normalization(work, keys, kept, config: IngestConfig):
     run measures the same statistics); None for `normalize="none"`."""
     if config.normalize == "none":
         return None
-    from vgpt_jax.vae.latent_space import LatentNormalization
-    parts, count = [], 0
-    for rel in kept:
-        if count >= config.normalize_sample_frames:
-            break
-        path = os.path.join(work, keys[rel] + ".rec")
-        with open(path, "rb") as f:
-            latents = store_lib.decode_record(f.read(), where=path)[1]
-        latents = latents[:config.normalize_sample_frames - count]
-        count += len(latents)
-        parts.append(latents.reshape(-1, latents.shape[-1]))  # frame sizes may differ
-    if not parts:
-        return None  # nothing ingested: an empty store has nothing to normalise
-    return LatentNormalization.measure(np.concatenate(parts), config.normalize)
+
+    def latents():
+        for rel in kept:
+            path = os.path.join(work, keys[rel] + ".rec")
+            with open(path, "rb") as f:
+                yield store_lib.decode_record(f.read(), where=path)[1]
+
+    return measure_normalization(latents(), config.normalize, config.normalize_sample_frames)
 
 
 def _normalized_record(record: bytes, normalization, where: str) -> bytes:
@@ -476,12 +467,13 @@ def ingest_arrays(items: Iterable[tuple[np.ndarray, float, str]], output: str, l
                     "downsample": int(space.downsample), "channels": int(space.channels),
                     "normalize": normalize if isinstance(normalize, str) else "given",
                     **(settings or {})}
-    from vgpt_jax.vae.latent_space import LatentNormalization, with_normalization
     items = [(np.asarray(frames)[::frame_stride], fps, name) for frames, fps, name in items]
     normalization = normalize if isinstance(normalize, LatentNormalization) else None
     if normalization is None and normalize != "none":
-        normalization = measure_normalization(space, (frames for frames, _, _ in items), normalize,
-                                              normalize_sample_frames, encode_batch)
+        raw = raw_space(space)
+        normalization = measure_normalization(
+            (encode_in_batches(raw, frames[:normalize_sample_frames], encode_batch)
+             for frames, _, _ in items), normalize, normalize_sample_frames)
         space = with_normalization(space, normalization)
     with store_lib.StoreWriter(output, num_shards=num_shards, dtype=dtype, latent_space=description,
                                settings=all_settings, overwrite=overwrite,

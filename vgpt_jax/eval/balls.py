@@ -9,7 +9,8 @@ knows every ball's centre, radius and colour, so a prediction can be scored on t
   `color_tolerance`) are found; the centroid of the largest connected blob of them
   (`scipy.ndimage.label`) is the detected centre, and the error is its distance to the true
   centre. A ball with fewer than `min_pixels` such pixels is *missed* and counts as
-  `miss_penalty` (default half the frame size: as bad as a ball far away);
+  `miss_penalty` (default half the frame size: as bad as a ball far away), which also caps
+  every error;
 - **detection rate**: the fraction of true balls not missed;
 - **colour error** in [0, 1]: the distance between the true colour and the prediction's mean
   colour over the true ball's core (pixels within `radius - 1` of its centre, at least the

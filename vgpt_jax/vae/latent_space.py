@@ -6,13 +6,13 @@ where `d = downsample` and `C = channels`. Latents are already scaled for the di
 
 Latent normalisation (`LatentNormalization`): diffusion learns fastest on latents that are centred
 with a known scale (SDXL's VAE carries a `scaling_factor`, newer VAEs a `shift_factor`, for this
-reason). A space's raw latents may be far from that: space-to-depth latents of a dark video have
-mean -0.77 and std 0.24, so the noise of x_t = t x1 + (1 - t) eps swamps the signal at most t and
+reason). A space's raw latents may be far from that: space-to-depth latents of the dark physics world have
+mean -0.77 and std 0.23, so the noise of x_t = t x1 + (1 - t) eps swamps the signal at most t and
 the clean history's context noise hides the small moving details a world model must read. A
 per-channel shift and an optional scale, measured once over a sample of the data at ingestion,
 wrap any space (`NormalizedSpace`): applied on encode, undone on decode. The normalisation is
-recorded in the latent store's manifest and in every checkpoint and export (the config's
-`latent_space.normalization`), and training and sampling refuse a store and a model whose
+recorded in the latent store's manifest and in every checkpoint and export (the run config's
+`data.latent_normalization`), and training and sampling refuse a store and a model whose
 normalisations disagree (`check_same_normalization`).
 
 Implementations:
