@@ -14,6 +14,7 @@
     vgpt features         pooled hidden states per video into a resumable npz store
     vgpt probe            linear probes on stored features: top-1 per label, layer/pool sweep
     vgpt retrieval        video-to-video retrieval by cosine similarity: R@1/5/10, median rank
+    vgpt segment-finetune fine-tune to render segmentation masks as video; J and F per frame
 
 `vgpt <command> --help` lists a command's options. An error prints one line; `--debug`
 (anywhere on the command line) or VGPT_DEBUG=1 prints its traceback instead.
@@ -39,6 +40,7 @@ COMMANDS = {
     "features": "vgpt_jax.commands.features",
     "probe": "vgpt_jax.commands.probe",
     "retrieval": "vgpt_jax.commands.retrieval",
+    "segment-finetune": "vgpt_jax.commands.segment_finetune",
 }
 # `vgpt eval physics-iq ...` scores videos, not a checkpoint: it is `vgpt physics-iq score ...`.
 ALIASES = {("eval", "physics-iq"): ("physics-iq", "score")}
