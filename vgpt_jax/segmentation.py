@@ -82,9 +82,8 @@ class SegmentationConfig:
         unknown = sorted(set(world) - {f.name for f in dataclasses.fields(WorldSpec)})
         if unknown:
             raise ValueError(f"segmentation config: unknown field(s) world.{unknown}")
-        for key in ("scenarios",):
-            if key in world:
-                world[key] = tuple(world[key])
+        if "scenarios" in world:
+            world["scenarios"] = tuple(world["scenarios"])
         for key in ("eval_starts", "mask_color", "mask_background"):
             if key in d:
                 d[key] = tuple(d[key])

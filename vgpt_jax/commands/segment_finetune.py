@@ -8,7 +8,7 @@ Pairs of (source clip, mask clip) come from the physics world (masks from the si
 model learns the mask clip as the clip after the source clip (`vgpt_jax.segmentation`). Prints
 J, F and J&F on held-out windows for the model and for the threshold baseline; writes
 <workdir>/report.json, masks.png (source | predicted | true), metrics.jsonl and model/ (an
-export: `vgpt sample --checkpoint <workdir>/model` continues any clip with its masks).
+export, for `Pipeline.from_checkpoint`).
 """
 from __future__ import annotations
 
