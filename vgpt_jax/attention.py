@@ -11,7 +11,18 @@
   offset 0 (`<|diffusion|>`) is visible to all, offset 1 (t) to query offsets >= 1, image keys to
   query offsets >= 2;
 - padding: no real token sees a padding token; a padding query sees its own block only (the
-  reference lets pad rows see everything; either way they only exist to avoid NaN).
+  reference lets pad rows see everything; either way they only exist to avoid NaN);
+- condition keys (`layout.ConditionLayout`, beyond the reference): a valid condition token is
+  seen by every valid query, frame token or condition token, whose frame is >= its frame; global
+  conditions sit at frame -1, so every token sees them, and frame f's action is seen from frame
+  f on. Condition queries see condition keys only.
+
+Condition keys are attended in a softmax of their own, gated per layer and head (zero at
+initialisation, as LLaMA-Adapter's zero-init attention): a frame query's output is
+`attend(frame keys) + gate * condition_attention(condition keys)`. So the frame-key attention
+runs on any backend unchanged (the condition tokens are few and attended densely), and a model
+whose gates are zero, or whose conditions are all dropped (no visible condition key gives 0),
+computes exactly what the model without conditions computes.
 
 Backends, one signature (`attend`), chosen by `AttentionConfig.impl`:
 - "dense": the [B, Tq, Tk] mask and score matrix; the reference for tests, and fastest for
@@ -32,13 +43,16 @@ import jax
 import jax.numpy as jnp
 
 from vgpt_jax.config import AttentionConfig
-from vgpt_jax.layout import TokenMeta
+from vgpt_jax.layout import ConditionLayout, TokenMeta
 
 _NEG = -1e30  # finite, so fully masked tiles give exp(.) = 0 instead of NaN
 
 
 def visible(q: TokenMeta, k: TokenMeta, block_len: int) -> jax.Array:
-    """The mask rule. `q` and `k` fields broadcast against each other (e.g. [B,T,1] vs [B,1,S])."""
+    """The mask rule. `q` and `k` fields broadcast against each other (e.g. [B,T,1] vs [B,1,S]).
+    `q` is frame tokens' `TokenMeta` or a `ConditionLayout`; so is `k` (condition keys)."""
+    if isinstance(k, ConditionLayout):
+        return q.valid & k.valid & (k.frame <= q.frame)
     last = block_len - 1
     same_frame = k.frame == q.frame
     clean_in_frame = (k.offset == 0) | ((q.offset >= 1) & (k.offset < last)) | (q.offset == last)
@@ -59,6 +73,20 @@ def _expand(meta: TokenMeta, axis: int) -> TokenMeta:
 def dense_mask(q_meta: TokenMeta, kv_meta: TokenMeta, block_len: int) -> jax.Array:
     """[B, Tq, Tk] boolean mask (materialised: for tests and short sequences only)."""
     return visible(_expand(q_meta, 2), _expand(kv_meta, 1), block_len)
+
+
+def condition_attention(q, k, v, q_meta, cond: ConditionLayout, block_len: int):
+    """Queries [B,T,H,D] (metadata `TokenMeta` or `ConditionLayout` [B,T]) attending to condition
+    tokens alone, k/v [B,C,KV,D] -> [B,T,H,D]: a dense softmax over the C visible condition keys;
+    a query that sees none gets exactly 0. Scores and softmax in float32."""
+    k, v = _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2])
+    expand = lambda meta, axis: jax.tree.map(lambda a: jnp.expand_dims(a, axis), meta)
+    mask = visible(expand(q_meta, 2), expand(cond, 1), block_len)[:, None]  # [B, 1, T, C]
+    s = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    s = jnp.where(mask, s * (q.shape[-1] ** -0.5), _NEG)
+    p = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True))) * mask
+    p = p / jnp.maximum(p.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    return jnp.einsum("bhts,bshd->bthd", p.astype(v.dtype), v)
 
 
 def _repeat_kv(k, num_heads):

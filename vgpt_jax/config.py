@@ -72,6 +72,33 @@ class AttentionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConditionConfig:
+    """Condition tokens (`vgpt_jax.conditioning`); none by default, which is the pretrained
+    model. Each kind adds a zero-initialised path, so a model given no conditions (or every
+    condition dropped) computes exactly what the model without them computes."""
+    num_classes: int = 0     # > 0: one class token per video, a global condition
+    action_dim: int = 0      # > 0: one action token per frame, a per-frame condition
+    dropout: float = 0.1     # training: probability of dropping a video's conditions (guidance)
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_classes > 0 or self.action_dim > 0
+
+
+LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the decoder's stacked linears (`vgpt_jax.lora`); rank 0: none.
+    The update is (alpha / rank) A B (alpha / sqrt(rank) with `rslora`), as peft scales it."""
+    rank: int = 0
+    alpha: float = 16.0
+    rslora: bool = False
+    targets: tuple[str, ...] = LORA_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
 class RopeScaling:
     type: str = "none"
     long_factor: tuple[float, ...] = ()
@@ -107,6 +134,8 @@ class ModelConfig:
     attention: AttentionConfig = AttentionConfig()
     scan_layers: bool = True
     remat_policy: str = "none"
+    conditions: ConditionConfig = ConditionConfig()
+    lora: LoraConfig = LoraConfig()
 
     @property
     def head_dim(self) -> int:
@@ -124,7 +153,16 @@ class ModelConfig:
         rope = RopeScaling(**{**rope, "long_factor": tuple(rope.get("long_factor", ())),
                               "short_factor": tuple(rope.get("short_factor", ()))})
         attention = AttentionConfig(**(d.get("attention") or {}))
-        mc = cls(**{**d, "rope_scaling": rope, "attention": attention})
+        nested = {}
+        for name, kind in (("conditions", ConditionConfig), ("lora", LoraConfig)):
+            fields = dict(d.get(name) or {})
+            unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(kind)})
+            if unknown:
+                raise ValueError(f"model config: unknown field(s) {unknown} in model.{name}")
+            if "targets" in fields:
+                fields["targets"] = tuple(fields["targets"])
+            nested[name] = kind(**fields)
+        mc = cls(**{**d, "rope_scaling": rope, "attention": attention, **nested})
         mc.validate()
         return mc
 
@@ -148,6 +186,14 @@ class ModelConfig:
              f"impl must be one of {ATTENTION_IMPLS}")
         need(self.attention.block_q > 0 and self.attention.block_kv > 0
              and self.attention.blockwise_tile > 0, "attention", "block sizes must be positive")
+        cond, lora = self.conditions, self.lora
+        need(all(isinstance(v, int) and v >= 0 for v in (cond.num_classes, cond.action_dim)),
+             "conditions", "num_classes and action_dim must be integers >= 0")
+        need(0.0 <= cond.dropout <= 1.0, "conditions", "dropout must lie in [0, 1]")
+        need(isinstance(lora.rank, int) and lora.rank >= 0, "lora", "rank must be an integer >= 0")
+        need(lora.alpha > 0, "lora", "alpha must be > 0")
+        need(bool(lora.targets) and set(lora.targets) <= set(LORA_TARGETS), "lora",
+             f"targets must be a non-empty subset of {LORA_TARGETS}")
         rs = self.rope_scaling
         need(rs.type in ("none", "longrope"), "rope_scaling", "type must be 'none' or 'longrope'")
         if rs.type == "longrope":
@@ -206,7 +252,7 @@ def block_len_for(cfg: ModelConfig, latent_h: int, latent_w: int) -> int:
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 LR_SCHEDULES = ("constant_with_warmup", "cosine", "linear")
-CLIP_MODES = ("random", "one_frame", "single")
+CLIP_MODES = ("random", "one_frame", "single", "first_frame")
 
 # Logical axis -> mesh axes. Parameters: matrices are split over `fsdp` on their model dimension
 # and over `tensor` on their head/mlp dimension (ZeRO-3 style + Megatron style); the stacked
@@ -257,7 +303,7 @@ def get_train_config(model: str = "tiny") -> ml_collections.ConfigDict:
         store="",                # path of a latent store (`vgpt_jax.data.store.LatentStore`)
         num_frames=16,
         stride_min=4, stride_max=4,  # stride_max > stride_min: random stride per sample (stage 3/4)
-        clip_mode="one_frame",   # random | one_frame | single (layout.sample_clip_ids)
+        clip_mode="one_frame",   # random | one_frame | single | first_frame (layout.sample_clip_ids)
         global_batch_size=8,
         seed=0,
         shuffle=True,

@@ -9,6 +9,11 @@ For a batch of latents [B, F, h, w, C] and a clip assignment [B, F]:
   frame's MSE (no t-weighting). `prediction_type="v"` (an option; the official inference
   script samples its `model.pt` weights this way) predicts the velocity v = x1 - eps instead. Every frame is noisy exactly once, so this is the mean over
   all B * F frames.
+
+Conditions (a model with `model.conditions`): the batch also holds `class_id` [B] and/or
+`actions` [B, F, A]; each video's conditions are dropped together with probability
+`conditions.dropout` (a draw from `fold_in(rng, 1)`, so the noise draws are those of an
+unconditioned run), which trains the unconditional branch that condition guidance uses.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from vgpt_jax import conditioning
 from vgpt_jax import layout as layout_lib
 from vgpt_jax.config import block_len_for
 from vgpt_jax.model import VideoGPT
@@ -102,7 +108,11 @@ def loss(model: VideoGPT, batch: dict, rng, cfg: ObjectiveConfig = ObjectiveConf
     layout_lib.check_clip_ids(clip_ids, latents.shape[1], what="batch['clip_ids']")
     block_len = block_len_for(model.cfg, *latents.shape[2:4])
     inputs = make_training_inputs(latents, clip_ids, rng, cfg, block_len)
-    pred = model(inputs.blocks_BNhwc, inputs.t_BN, inputs.layout, output_blocks=slice(0, None, 2))
+    conditions = conditioning.batch_conditions(model.cfg, batch, block_len,
+                                               jax.random.fold_in(rng, 1),
+                                               model.cfg.conditions.dropout)
+    pred = model(inputs.blocks_BNhwc, inputs.t_BN, inputs.layout, output_blocks=slice(0, None, 2),
+                 conditions=conditions)
     per_frame = jnp.mean((pred - inputs.target_BFhwc) ** 2, axis=(2, 3, 4))  # [B, F]
     value = jnp.mean(per_frame)
     first_clip = clip_ids == 0
@@ -117,16 +127,20 @@ def loss(model: VideoGPT, batch: dict, rng, cfg: ObjectiveConfig = ObjectiveConf
 
 
 def denoising_error(model: VideoGPT, latents_BFhwc, clip_ids_BF, t, rng,
-                    cfg: ObjectiveConfig = ObjectiveConfig()):
+                    cfg: ObjectiveConfig = ObjectiveConfig(), *, class_id=None, actions=None):
     """Per-frame MSE `[B, F]` of the prediction (x1, or v as `cfg.prediction_type` says) when
     every clip is noised to level `t` (a scalar or `[B, F]`),
     under the training layout: what the loss sees, at a chosen t instead of a random one.
 
     Evaluation uses it to ask whether a model reads its history: the error of the last clip with
     the true history, with another video's history, and with none (`evaluate.history_usage`).
+    `class_id` [B] / `actions` [B, F, A]: the conditions of a conditioned model (never dropped).
     """
     block_len = block_len_for(model.cfg, *latents_BFhwc.shape[2:4])
     inputs = noised_inputs(latents_BFhwc, clip_ids_BF, t, jax.random.split(rng, 3), cfg,
                            block_len)
-    pred = model(inputs.blocks_BNhwc, inputs.t_BN, inputs.layout, output_blocks=slice(0, None, 2))
+    conditions = conditioning.batch_conditions(
+        model.cfg, {"latents": latents_BFhwc, "class_id": class_id, "actions": actions}, block_len)
+    pred = model(inputs.blocks_BNhwc, inputs.t_BN, inputs.layout, output_blocks=slice(0, None, 2),
+                 conditions=conditions)
     return jnp.mean((pred - inputs.target_BFhwc) ** 2, axis=(2, 3, 4))

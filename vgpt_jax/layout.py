@@ -19,6 +19,14 @@ every sample in a batch then has the same shape, 2F blocks, whatever its partiti
 outputs of all real tokens equal the reference's (`tests/test_layout.py` checks this against a
 reference-order sequence). Positions are the reference's: the noisy and clean copies of frame f
 share `f * L + offset`.
+
+Condition tokens (optional; `ConditionLayout`). A sequence may carry condition tokens beside its
+frame blocks: *global* ones (a class embedding), at frame `GLOBAL_FRAME` = -1 and visible to
+every token, and *per-frame* ones (one action per frame), at their frame's index and visible to
+the tokens of that frame and of every later frame (`attention.visible`). Their metadata is per
+token, [B, C]: global tokens first, then one token per conditioned frame; a dropped condition is
+`valid=False`. A per-frame condition sits at its frame's RoPE slot (`position * L`), a global
+one at slot 0.
 """
 from __future__ import annotations
 
@@ -70,6 +78,40 @@ def token_meta(layout: Layout) -> TokenMeta:
     offset = jnp.broadcast_to(jnp.tile(jnp.arange(L, dtype=jnp.int32), nb), (b, nb * L))
     return TokenMeta(rep(layout.frame), rep(layout.clip), rep(layout.noisy), rep(layout.valid),
                      offset)
+
+
+GLOBAL_FRAME = -1  # the frame of a global condition: before every frame, so seen from all
+
+
+@flax.struct.dataclass
+class ConditionLayout:
+    """Per-condition-token metadata, arrays [B, C]: global tokens, then per-frame ones."""
+    frame: jax.Array     # int32: GLOBAL_FRAME, or the frame a per-frame condition belongs to
+    valid: jax.Array     # bool: False for a dropped condition (or padding)
+    position: jax.Array  # int32: RoPE position of the token
+
+    @property
+    def num_tokens(self) -> int:
+        return self.frame.shape[1]
+
+
+def condition_layout(frame_BF, position_BF, block_len: int, *, num_global: int,
+                     global_valid_B=None, frame_valid_BF=None) -> ConditionLayout:
+    """`num_global` global tokens, then one per-frame token per entry of `frame_BF` (the frame
+    indices of the conditioned frames, [B, F'] with F' = 0 for none) at RoPE slots
+    `position_BF`. Validity defaults to True; a False row drops that video's condition(s)."""
+    frame = jnp.asarray(frame_BF, jnp.int32)
+    b = frame.shape[0]
+    gv = jnp.ones((b,), bool) if global_valid_B is None else jnp.asarray(global_valid_B, bool)
+    fv = jnp.ones(frame.shape, bool) if frame_valid_BF is None else jnp.asarray(frame_valid_BF,
+                                                                                  bool)
+    g = lambda v, dt: jnp.full((b, num_global), v, dt)
+    return ConditionLayout(
+        frame=jnp.concatenate([g(GLOBAL_FRAME, jnp.int32), frame], axis=1),
+        valid=jnp.concatenate([jnp.broadcast_to(gv[:, None], (b, num_global)),
+                               jnp.broadcast_to(fv, frame.shape)], axis=1),
+        position=jnp.concatenate([g(0, jnp.int32),
+                                  jnp.asarray(position_BF, jnp.int32) * block_len], axis=1))
 
 
 def token_positions(layout: Layout) -> jax.Array:
@@ -162,7 +204,8 @@ def sample_clip_ids(rng: np.random.Generator, num_frames: int, mode: str = "rand
     "random": K ~ U{2..F}, then K-1 distinct cut points from {1..F-1}: K contiguous clips of
     random length >= 1 (the composition of stages 2-4). "one_frame": one frame per clip
     (stage 1, next-frame diffusion). "single": the whole sample is one clip (a deviation, for
-    image-to-video style training; not in the recipe).
+    image-to-video style training; not in the recipe). "first_frame": frame 0 is clip 0, the
+    rest clip 1 (one frame in, a video out: the image-animation fine-tune; not in the recipe).
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -170,8 +213,11 @@ def sample_clip_ids(rng: np.random.Generator, num_frames: int, mode: str = "rand
         return np.arange(num_frames, dtype=np.int32)
     if mode == "single" or num_frames == 1:
         return np.zeros(num_frames, np.int32)
+    if mode == "first_frame":
+        return (np.arange(num_frames) > 0).astype(np.int32)
     if mode != "random":
-        raise ValueError(f"clip mode must be 'random', 'one_frame' or 'single', got {mode!r}")
+        raise ValueError(f"clip mode must be 'random', 'one_frame', 'single' or 'first_frame', "
+                         f"got {mode!r}")
     k = rng.integers(2, num_frames + 1)
     cuts = rng.choice(np.arange(1, num_frames), size=k - 1, replace=False)
     starts = np.zeros(num_frames, np.int32)

@@ -19,13 +19,13 @@ merge exactly are refused by name: DoRA, LoRA biases, embedding adapters, `modul
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 
 import numpy as np
 
 from vgpt_jax.convert_official import ConversionError, TensorSource
+from vgpt_jax.lora import lora_scale
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -83,7 +83,7 @@ def read_adapter(folder: str) -> dict[str, np.ndarray]:
             raise ConversionError(f"{where}: module {module!r}: lora_A {a.shape} and lora_B "
                                   f"{b.shape} do not form a Linear or Conv2d adapter")
         alpha = _alpha(config, module)
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        scale = lora_scale(alpha, rank, bool(config.get("use_rslora")))
         delta = np.einsum("or,ri...->oi...", b.reshape(b.shape[0], rank), a)
         deltas[module + ".weight"] = (scale * delta).astype(np.float32)
     if not deltas:

@@ -12,6 +12,16 @@ One clip at a time (the reference's `prompt_condition_frame_block_autoregressive
   both on the device that holds the video): the unconditional rows share the cache with their
   cache tokens marked invalid, so the one mask rule hides the history from them.
   s = 1, or an empty history (where both branches are the same function), runs one branch.
+- **Condition guidance** (a model with `model.conditions`): a branch with every condition
+  dropped (`Branch(conditions=False)`), whose history is encoded without conditions too (the
+  cache holds one row per condition setting). With both guidances the three branches
+  v0 = v(c, h), v_h = v(c, no history), v_c = v(no conditions, h) combine as
+      v = v0 + (s_h - 1) (v0 - v_h) + (s_c - 1) (v0 - v_c),
+  each scale pushing away from the branch that lacks its one input; with one guidance this is
+  v_u + s (v0 - v_u) (the form computed), and s = 1 drops that branch.
+- **Conditions** are given per video (`class_id`) and per frame (`actions`, context frames then
+  generated ones); each call embeds those of every frame it covers, numbered as the call's
+  frames are (the no-history branch's clip from frame 0).
 - **Exact KV cache.** Clean history never attends to noisy tokens, so its keys and values are
   the same at every step: they are computed once (`VideoGPT.build_cache`), every step runs only
   the noisy clip against them (`denoise_with_cache`), and a finished clip's clean copy is
@@ -56,6 +66,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from vgpt_jax import conditioning
 from vgpt_jax import layout as layout_lib
 from vgpt_jax import sharding as shard_lib
 from vgpt_jax.config import DEFAULT_LOGICAL_RULES, ModelConfig, block_len_for, dtype_of
@@ -81,6 +92,7 @@ class SamplerConfig:
     same_noise_every_clip: bool = False  # the release's re-seeding quirk
     prediction_type: str = "x1"      # what the network predicts: "x1" or the velocity "v"
     renoise_context: bool = False    # the release: re-noise the whole window before clips k >= 1
+    condition_guidance: float = 1.0  # s_c: guidance by the model's conditions (1: none)
 
     def validate(self) -> None:
         def need(ok, field, msg):
@@ -90,6 +102,8 @@ class SamplerConfig:
              "must be an integer >= 1")
         need(math.isfinite(self.guidance) and self.guidance >= 0, "guidance",
              "the guidance scale must be finite and >= 0")
+        need(math.isfinite(self.condition_guidance) and self.condition_guidance >= 0,
+             "condition_guidance", "the guidance scale must be finite and >= 0")
         need(math.isfinite(self.time_shift) and self.time_shift > 0, "time_shift", "must be > 0")
         need(isinstance(self.window, (int, np.integer)) and self.window >= 1, "window",
              "must be an integer >= 1 (frames)")
@@ -255,31 +269,85 @@ def _pad_batch(x_B: np.ndarray, rows: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- layouts
 
 
-def _interleave(a_B, b_B):
-    """[B, ...] twice -> [2B, ...] with rows 2b = a[b], 2b + 1 = b[b]."""
-    return jnp.stack([a_B, b_B], axis=1).reshape(-1, *a_B.shape[1:])
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """One guidance branch: does it see the model's conditions, does it see the history."""
+    conditions: bool = True
+    history: bool = True
 
 
-def _stack(a: layout_lib.Layout, b: layout_lib.Layout) -> layout_lib.Layout:
-    """Two layouts of the same blocks as one [2B] batch (conditional, unconditional per video)."""
-    return jax.tree.map(_interleave, a, b)
+UNGUIDED = (Branch(),)
+HISTORY_GUIDED = (Branch(), Branch(history=False))
 
 
-def history_layout(batch: int, frames: int, L: int, guided: bool) -> layout_lib.Layout:
-    """The clean history at slots 0..H-1; with guidance, a second half that nothing can see."""
-    cond = layout_lib.clip_layout(batch, frames, L, noisy=False, clip=0)
-    if not guided:
-        return cond
-    return _stack(cond, layout_lib.clip_layout(batch, frames, L, noisy=False, clip=0, valid=False))
+def guidance_branches(history_guided: bool, condition_guided: bool) -> tuple[Branch, ...]:
+    """The branches in row order: the full one, then no history, then no conditions."""
+    return (Branch(),) + ((Branch(history=False),) if history_guided else ()) + (
+        (Branch(conditions=False),) if condition_guided else ())
 
 
-def noisy_layout(batch: int, frames: int, history: int, L: int, guided: bool):
-    """The noisy clip after the history; the unconditional half alone, positions from 0."""
-    cond = layout_lib.clip_layout(batch, frames, L, noisy=True, clip=1, first_frame=history,
-                                  first_position=history)
-    if not guided:
-        return cond
-    return _stack(cond, layout_lib.clip_layout(batch, frames, L, noisy=True, clip=1))
+def _branches(guided) -> tuple[Branch, ...]:
+    """`guided`: a tuple of branches, or a bool (True: history guidance alone)."""
+    if isinstance(guided, tuple):
+        return guided
+    return HISTORY_GUIDED if guided else UNGUIDED
+
+
+def cache_variants(branches: tuple[Branch, ...]) -> tuple[Branch, ...]:
+    """The cache's rows per video: one per condition setting that some branch needs."""
+    return tuple(Branch(conditions=c) for c in dict.fromkeys(b.conditions for b in branches))
+
+
+def _interleave(*per_branch):
+    """R arrays [B, ...] -> [B * R, ...] with row b * R + r = per_branch[r][b]."""
+    return jnp.stack(per_branch, axis=1).reshape(-1, *per_branch[0].shape[1:])
+
+
+def _stack(*layouts: layout_lib.Layout) -> layout_lib.Layout:
+    """Layouts of the same blocks, one per branch, as one [B * R] batch."""
+    return jax.tree.map(_interleave, *layouts)
+
+
+def history_layout(batch: int, frames: int, L: int, guided) -> layout_lib.Layout:
+    """The clean history at slots 0..H-1, per branch; a no-history branch's, nothing can see."""
+    return _stack(*(layout_lib.clip_layout(batch, frames, L, noisy=False, clip=0,
+                                           valid=br.history) for br in _branches(guided)))
+
+
+def noisy_layout(batch: int, frames: int, history: int, L: int, guided):
+    """The noisy clip after the history, per branch; a no-history branch's alone, from slot 0."""
+    return _stack(*(layout_lib.clip_layout(
+        batch, frames, L, noisy=True, clip=1, first_frame=history if br.history else 0,
+        first_position=history if br.history else 0) for br in _branches(guided)))
+
+
+def window_conditions(model_cfg: ModelConfig, L: int, rows: tuple[Branch, ...], window: int,
+                      new: int, class_id_B=None, actions_BWA=None):
+    """The conditions of a call covering `window` frames, the last `new` of them new, for every
+    row of each video ([B * R], row b * R + r as `rows[r]` says), or None when none are given. A history row numbers the window's frames 0..W-1; a no-history row numbers the
+    new frames 0..new-1 (as `noisy_layout`), the rest invalid; a no-conditions row has all its
+    condition tokens invalid. `actions_BWA`: the window's actions, one per frame."""
+    if class_id_B is None and actions_BWA is None:
+        return None
+    b = len(class_id_B) if class_id_B is not None else actions_BWA.shape[0]
+    per_row = []
+    for row in rows:
+        if row.history:
+            frames, seen, acts = np.arange(window), np.ones(window, bool), actions_BWA
+        else:
+            frames = np.concatenate([np.arange(new), np.zeros(window - new, np.int64)])
+            seen = np.arange(window) < new
+            acts = None if actions_BWA is None else np.concatenate(
+                [actions_BWA[:, window - new:], actions_BWA[:, :window - new]], axis=1)
+        frames_BW = np.broadcast_to(frames, (b, window))
+        cond = conditioning.make_conditions(model_cfg, frames_BW, frames_BW, L,
+                                            class_id=class_id_B, actions=acts)
+        n_global = cond.layout.num_tokens - (window if actions_BWA is not None else 0)
+        valid = np.concatenate([np.ones(n_global, bool),
+                                seen if actions_BWA is not None else np.zeros(0, bool)])
+        per_row.append(cond.replace(layout=cond.layout.replace(
+            valid=cond.layout.valid & jnp.asarray(valid & row.conditions)[None])))
+    return jax.tree.map(_interleave, *per_row)
 
 
 def _block_len(model: VideoGPT, latents_BNhwc) -> int:
@@ -289,54 +357,74 @@ def _block_len(model: VideoGPT, latents_BNhwc) -> int:
 # ----------------------------------------------------------------------------- the Euler loop
 
 
-def euler(denoiser: Callable, z0_BNhwc, sigmas, guidance, guided: bool,
+def euler(denoiser: Callable, z0_BNhwc, sigmas, guidance, guided,
           prediction_type: str = "x1"):
     """Integrate z from sigma_0 to sigma_S; `denoiser(z, t)` is the network's output (x1 or v,
-    by `prediction_type`) for [B] or, guided, [2B] (rows 2b, 2b + 1: video b's conditional and
-    unconditional branch)."""
-    b = z0_BNhwc.shape[0]
+    by `prediction_type`) for [B * R] rows, R = len(branches) (`guided`: branches or a bool;
+    row b * R + r is video b's branch r). `guidance`: the scale of each branch after the first
+    ([R - 1], or a scalar for one), combined as the module docstring says."""
+    b, nb = z0_BNhwc.shape[0], len(_branches(guided))
+    scales = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (max(nb - 1, 1),))
 
     def step(i, z):
         s, s_next = sigmas[i], sigmas[i + 1]
-        zz = jnp.repeat(z, 2, axis=0) if guided else z
+        zz = jnp.repeat(z, nb, axis=0) if nb > 1 else z
         out = denoiser(zz, jnp.full(zz.shape[:2], s))
         v = out if prediction_type == "v" else (out - zz) / (1 - s)
-        if guided:
+        if nb == 2:
             v = v.reshape(b, 2, *v.shape[1:])
-            v = v[:, 1] + guidance * (v[:, 0] - v[:, 1])
+            v = v[:, 1] + scales[0] * (v[:, 0] - v[:, 1])
+        elif nb > 2:
+            v = v.reshape(b, nb, *v.shape[1:])
+            v = v[:, 0] + sum((scales[r - 1] - 1) * (v[:, 0] - v[:, r]) for r in range(1, nb))
         return z + (s_next - s) * v
 
     return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, z0_BNhwc)
 
 
-def guided_cache(cache: KVCache, L: int) -> KVCache:
-    """The [2B] cache: keys/values shared, the unconditional rows' tokens invalid."""
-    b, s = cache.meta.frame.shape
-    meta = layout_lib.token_meta(history_layout(b, s // L, L, guided=True))
-    return KVCache(LayerKV(*(jnp.repeat(a, 2, axis=1) for a in cache.kv)), meta)
+def guided_cache(cache: KVCache, L: int, guided=True) -> KVCache:
+    """The [B * R] cache of the branches from one of [B * V] rows (`cache_variants`): each
+    branch shares its condition setting's keys/values, a no-history branch's tokens invalid."""
+    branches = _branches(guided)
+    variants = [v.conditions for v in cache_variants(branches)]
+    rows, s = cache.meta.frame.shape
+    b = rows // len(variants)
+    idx = np.asarray([i * len(variants) + variants.index(br.conditions)
+                      for i in range(b) for br in branches])
+    sees = jnp.asarray(np.tile([br.history for br in branches], b))[:, None]
+    meta = jax.tree.map(lambda m: jnp.take(m, idx, axis=0), cache.meta)
+    meta = meta._replace(valid=meta.valid & sees)
+    return KVCache(LayerKV(*(jnp.take(a, idx, axis=1) for a in cache.kv)), meta)
 
 
-def cached_x1_fn(model: VideoGPT, cache: KVCache, num_frames: int, L: int, guided: bool):
-    """The denoiser of every step with a cache: the noisy clip's tokens against the history."""
-    b, s = cache.meta.frame.shape
-    if guided:
-        cache = guided_cache(cache, L)
-    layout = noisy_layout(b, num_frames, s // L, L, guided)
-    return lambda z, t: model.denoise_with_cache(z, t, layout, cache)
+def cached_x1_fn(model: VideoGPT, cache: KVCache, num_frames: int, L: int, guided,
+                 conditions=None):
+    """The denoiser of every step with a cache: the noisy clip's tokens against the history.
+    `conditions`: the [B * R] rows' (`window_conditions`), or None."""
+    branches = _branches(guided)
+    b = cache.meta.frame.shape[0] // len(cache_variants(branches))
+    s = cache.meta.frame.shape[1]
+    if branches != UNGUIDED:
+        cache = guided_cache(cache, L, branches)
+    layout = noisy_layout(b, num_frames, s // L, L, branches)
+    return lambda z, t: model.denoise_with_cache(z, t, layout, cache, conditions)
 
 
-def recompute_x1_fn(model: VideoGPT, history_BHhwc, num_frames: int, L: int, guided: bool):
+def recompute_x1_fn(model: VideoGPT, history_BHhwc, num_frames: int, L: int, guided,
+                    conditions=None):
     """The release's denoiser: the whole [history, noisy clip] sequence at every step."""
+    branches = _branches(guided)
     b, hist = history_BHhwc.shape[:2]
-    layout = layout_lib.concat(history_layout(b, hist, L, guided),
-                               noisy_layout(b, num_frames, hist, L, guided))
-    history = jnp.repeat(history_BHhwc, 2, axis=0) if guided else history_BHhwc
+    layout = layout_lib.concat(history_layout(b, hist, L, branches),
+                               noisy_layout(b, num_frames, hist, L, branches))
+    nb = len(branches)
+    history = jnp.repeat(history_BHhwc, nb, axis=0) if nb > 1 else history_BHhwc
     t_history = jnp.ones(history.shape[:2], jnp.float32)  # unused by clean blocks
 
     def x1(z, t):
         blocks = jnp.concatenate([history.astype(z.dtype), z], axis=1)
         return model(blocks, jnp.concatenate([t_history, t], axis=1), layout,
-                     output_blocks=slice(hist, None))
+                     output_blocks=slice(hist, None), conditions=conditions)
     return x1
 
 
@@ -351,18 +439,20 @@ def _cache_out(cache: KVCache, placement: Placement | None) -> KVCache:
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="placement")
-def _build_cache(graphdef, state, clean_BHhwc, placement=None) -> KVCache:
+def _build_cache(graphdef, state, clean_BHhwc, placement=None, conditions=None) -> KVCache:
     model = nnx.merge(graphdef, state)
     b, hist = clean_BHhwc.shape[:2]
     L = _block_len(model, clean_BHhwc)
     with _on(placement):
         cache = model.build_cache(clean_BHhwc,
-                                  layout_lib.clip_layout(b, hist, L, noisy=False, clip=0))
+                                  layout_lib.clip_layout(b, hist, L, noisy=False, clip=0),
+                                  conditions)
     return _cache_out(cache, placement)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="placement")
-def _extend_cache(graphdef, state, cache: KVCache, clean_BNhwc, placement=None) -> KVCache:
+def _extend_cache(graphdef, state, cache: KVCache, clean_BNhwc, placement=None,
+                  conditions=None) -> KVCache:
     model = nnx.merge(graphdef, state)
     b, n = clean_BNhwc.shape[:2]
     L = _block_len(model, clean_BNhwc)
@@ -370,27 +460,27 @@ def _extend_cache(graphdef, state, cache: KVCache, clean_BNhwc, placement=None) 
     layout = layout_lib.clip_layout(b, n, L, noisy=False, clip=0, first_frame=hist,
                                     first_position=hist)
     with _on(placement):
-        cache = model.extend_cache(clean_BNhwc, layout, cache)
+        cache = model.extend_cache(clean_BNhwc, layout, cache, conditions)
     return _cache_out(cache, placement)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 7), static_argnames="placement")
 def _denoise_cached(graphdef, state, cache: KVCache, z0_BNhwc, sigmas, guided, guidance,
-                    prediction_type="x1", placement=None):
+                    prediction_type="x1", placement=None, conditions=None):
     model = nnx.merge(graphdef, state)
     L = _block_len(model, z0_BNhwc)
     with _on(placement):
-        x1_fn = cached_x1_fn(model, cache, z0_BNhwc.shape[1], L, guided)
+        x1_fn = cached_x1_fn(model, cache, z0_BNhwc.shape[1], L, guided, conditions)
         return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 7), static_argnames="placement")
 def _denoise_recompute(graphdef, state, history_BHhwc, z0_BNhwc, sigmas, guided, guidance,
-                       prediction_type="x1", placement=None):
+                       prediction_type="x1", placement=None, conditions=None):
     model = nnx.merge(graphdef, state)
     L = _block_len(model, z0_BNhwc)
     with _on(placement):
-        x1_fn = recompute_x1_fn(model, history_BHhwc, z0_BNhwc.shape[1], L, guided)
+        x1_fn = recompute_x1_fn(model, history_BHhwc, z0_BNhwc.shape[1], L, guided, conditions)
         return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
 
 
@@ -460,6 +550,32 @@ def _draw(given, k: int, shape, what: str, default: Callable[[], np.ndarray]) ->
     return arr
 
 
+def _check_conditions(model_cfg: ModelConfig, class_id, actions, batch: int, frames: int):
+    """Host checks of a request's conditions: (class_id [B] int32, actions [B, frames, A]
+    float32), each None when the model lacks that kind (both None: an unconditioned request);
+    errors name the input."""
+    cc = model_cfg.conditions
+    if class_id is None and actions is None:
+        return None, None
+    for name, given, needed in (("class_id", class_id, cc.num_classes > 0),
+                                ("actions", actions, cc.action_dim > 0)):
+        if needed and given is None:
+            raise ValueError(f"{name}: missing; the model is conditioned on it ({cc})")
+        if given is not None and not needed:
+            raise ValueError(f"{name}: given, but the model has no such condition ({cc})")
+    if class_id is not None:
+        class_id = np.asarray(class_id, np.int32)
+        if class_id.shape != (batch,):
+            raise ValueError(f"class_id: shape {class_id.shape}, expected ({batch},)")
+        conditioning.check_class_ids(class_id, cc.num_classes)
+    if actions is not None:
+        actions = np.asarray(actions, np.float32)
+        if actions.shape != (batch, frames, cc.action_dim):
+            raise ValueError(f"actions: shape {actions.shape}, expected [videos, context + "
+                             f"generated frames, action_dim] = {(batch, frames, cc.action_dim)}")
+    return class_id, actions
+
+
 def empty_cache(model_cfg: ModelConfig, batch: int) -> KVCache:
     """A cache with no history (generation from nothing)."""
     kv = jnp.zeros((model_cfg.num_layers, batch, 0, model_cfg.num_kv_heads, model_cfg.head_dim),
@@ -477,7 +593,8 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
                  to_context: Callable[[int, np.ndarray], np.ndarray] | None = None,
                  noise_per_clip: Sequence[np.ndarray | None] | None = None,
                  context_eps_per_clip: Sequence[np.ndarray | None] | None = None,
-                 placement: Placement | None = None) -> np.ndarray:
+                 placement: Placement | None = None, class_id=None,
+                 actions=None) -> np.ndarray:
     """Generate `sum(clip_sizes)` frames after `context_BFhwc` (or from nothing): [B, N, h, w, C].
 
     seeds: one per video. on_clip(k, latents_BNhwc) runs after clip k (progress, saving).
@@ -489,6 +606,8 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
     as it joins the history [B, n_k, h, w, C] (None: drawn from the seeds).
     placement: the mesh to sample on (`Placement`; None: the default device). The model's
     parameters are put on it (a no-op when `Placement.place_model` already did).
+    class_id [B] / actions [B, F + N, A] (the context's F frames, then the N generated): the
+    conditions of a model with `model.conditions`, given exactly when it has that kind.
     """
     model_cfg: ModelConfig = model.cfg
     if context_BFhwc is not None:
@@ -509,11 +628,13 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
     h, w = latent_hw
     c = model_cfg.latent_channels
     L = block_len_for(model_cfg, h, w)
+    context_frames = 0 if context_BFhwc is None else context_BFhwc.shape[1]
+    class_id, actions = _check_conditions(model_cfg, class_id, actions, batch,
+                                          context_frames + sum(clip_sizes))
     if placement is not None:
         model = placement.place_model(model)
     graphdef, state = nnx.split(model)
     sigmas = jnp.asarray(time_grid(cfg.steps, cfg.time_shift))
-    guidance = jnp.float32(cfg.guidance)
     # On a mesh the device batch is padded to whole batch shards; host arrays keep B rows.
     multiple = 1 if placement is None else placement.batch_multiple
     rows = -(-batch // multiple) * multiple
@@ -524,11 +645,36 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
     def host(x_rows) -> np.ndarray:
         return np.asarray(x_rows)[:batch]
 
+    # Condition guidance encodes the history twice (with and without conditions): the cache
+    # holds `len(variants)` rows per video, interleaved.
+    conditioned = class_id is not None or actions is not None
+    cond_guided = cfg.condition_guidance != 1.0 and conditioned
+    variants = cache_variants(guidance_branches(False, cond_guided))
+
+    def dev_variants(x_B):
+        x = _pad_batch(x_B, rows)
+        x = np.repeat(x, len(variants), axis=0) if len(variants) > 1 else x
+        return x if placement is None else placement.put(x, BATCH_AXES)
+
+    def conditions_of(row_kinds, ids, new):
+        """The conditions of a call over the frames `ids` (absolute indices), `new` of them new."""
+        if not conditioned:
+            return None
+        cond = window_conditions(
+            model_cfg, L, row_kinds, len(ids), new,
+            None if class_id is None else _pad_batch(class_id, rows),
+            None if actions is None else _pad_batch(actions[:, ids], rows))
+        if cond is None or placement is None:
+            return cond
+        return jax.tree.map(lambda a: placement.put(a, BATCH_AXES), cond)
+
     # The history lives on the host: it only reaches the device when a cache is (re)built.
     history = (np.zeros((batch, 0, h, w, c), np.float32) if context_BFhwc is None
                else context_BFhwc)
     use_cache = cfg.cache_mode != "recompute"
     cache = None  # built lazily: after a window reset its positions restart at 0
+    # The absolute frame index of each history frame: which actions the window's frames carry.
+    frame_ids = np.arange(history.shape[1])
     clips = []
     for k, n in enumerate(clip_sizes):
         hist = history.shape[1]
@@ -538,30 +684,41 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
                 drop = hist - keep
                 a = cfg.anchor_frames
                 history = np.concatenate([history[:, :a], history[:, a + drop:]], axis=1)
+                frame_ids = np.concatenate([frame_ids[:a], frame_ids[a + drop:]])
                 if cache is not None:
                     cache = _evict(cache, drop, a, L, model_cfg, placement=placement)
             else:
-                history, cache = history[:, hist - keep:], None
+                history, frame_ids, cache = history[:, hist - keep:], frame_ids[hist - keep:], None
         if use_cache and cache is None:
             if history.shape[1]:
-                cache = _build_cache(graphdef, state, dev(history), placement=placement)
+                cache = _build_cache(graphdef, state, dev_variants(history), placement=placement,
+                                     conditions=conditions_of(variants, frame_ids, 0))
             else:
-                cache = empty_cache(model_cfg, rows)
+                cache = empty_cache(model_cfg, rows * len(variants))
                 cache = cache if placement is None else placement.put_cache(cache)
-        guided = cfg.guidance != 1.0 and history.shape[1] > 0
+        history_guided = cfg.guidance != 1.0 and history.shape[1] > 0
+        branches = guidance_branches(history_guided, cond_guided)
+        scales = ([cfg.guidance] if history_guided else []) + (
+            [cfg.condition_guidance] if cond_guided else [])
+        guidance = jnp.asarray(scales or [1.0], jnp.float32)
+        start = context_frames + sum(clip_sizes[:k])
+        clip_ids = np.arange(start, start + n)
+        clip_conditions = conditions_of(branches, np.concatenate([frame_ids, clip_ids]), n)
         z0 = _draw(noise_per_clip, k, (batch, n, h, w, c), "noise_per_clip",
                    lambda: initial_noise(seeds, (n, h, w, c), k, cfg.same_noise_every_clip))
         if use_cache:
-            clip = _denoise_cached(graphdef, state, cache, dev(z0), sigmas, guided, guidance,
-                                   cfg.prediction_type, placement=placement)
+            clip = _denoise_cached(graphdef, state, cache, dev(z0), sigmas, branches, guidance,
+                                   cfg.prediction_type, placement=placement,
+                                   conditions=clip_conditions)
         else:
             seen = history
             if cfg.renoise_context and k > 0 and cfg.context_noise > 0:
                 eps = _draw(context_eps_per_clip, k, history.shape, "context_eps_per_clip",
                             lambda: context_eps(seeds, history.shape[1:], k))
                 seen = add_context_noise(history, eps, cfg.context_noise)
-            clip = _denoise_recompute(graphdef, state, dev(seen), dev(z0), sigmas, guided,
-                                      guidance, cfg.prediction_type, placement=placement)
+            clip = _denoise_recompute(graphdef, state, dev(seen), dev(z0), sigmas, branches,
+                                      guidance, cfg.prediction_type, placement=placement,
+                                      conditions=clip_conditions)
         clips.append(host(clip))
         if on_clip is not None:
             on_clip(k, clips[-1])
@@ -574,8 +731,10 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
                         lambda: context_eps(seeds, new.shape[1:], k))
             new = add_context_noise(new, eps, cfg.context_noise)
         history = np.concatenate([history, new], axis=1)
+        frame_ids = np.concatenate([frame_ids, clip_ids])
         if use_cache:
             resets = cfg.cache_mode == "window" and history.shape[1] + clip_sizes[k + 1] > cfg.window
-            cache = None if resets else _extend_cache(graphdef, state, cache, dev(new),
-                                                      placement=placement)
+            cache = None if resets else _extend_cache(
+                graphdef, state, cache, dev_variants(new), placement=placement,
+                conditions=conditions_of(variants, frame_ids, n))
     return np.concatenate(clips, axis=1)

@@ -11,11 +11,20 @@ Record format (self-describing, no pickle):
                                 fps, source, num_frames, latent_space, crc32 (of the payload), extra
     payload                     raw latents, C order, little-endian, in `dtype`
 
-Records are dealt round-robin, so global index i lives in shard i % NN at position i // NN: the
-store keeps the order in which videos were written, whatever the shard count.
+Records are dealt round-robin (`"assignment": "round_robin"`, what `StoreWriter` writes), so
+global index i lives in shard i % NN at position i // NN: the store keeps the order in which videos
+were written, whatever the shard count. Folder ingestion (`data.ingest_shard`) writes each work
+shard's records into their own files and lists them as `"assignment": "contiguous"`: the shards'
+records one after the other, shard by shard, with any count per shard.
+
+`normalization` is the `LatentNormalization` the served latents carry. By default the records
+hold normalised latents; `"normalize_on_read": true` (folder ingestion, whose statistics are known
+only once every shard is written) means the records hold the space's raw latents and the reader
+normalises each one.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import struct
@@ -30,6 +39,7 @@ import numpy as np
 MAGIC = b"VGLAT001"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+ASSIGNMENTS = ("round_robin", "contiguous")
 STORAGE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 # Each record is a whole video (~0.1-10 MB), so one record per chunk: random access reads exactly
 # one chunk. Latents barely compress, so skip zstd and keep reads cheap on training hosts.
@@ -109,6 +119,42 @@ def _atomic_write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def make_manifest(shards: list[str], counts: list[int], shapes: list[list[int]], *, dtype: str,
+                  latent_space: str, settings: Mapping[str, Any], normalization=None,
+                  assignment: str = "round_robin", normalize_on_read: bool = False) -> dict:
+    """The manifest of a store whose `shards` hold `counts` records of latent `shapes` `[F, h, w, C]`
+    (one per record, in store order)."""
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"store assignment {assignment!r}: expected one of {ASSIGNMENTS}")
+    shapes = np.array(shapes, dtype=np.int64).reshape(-1, 4)
+    manifest = {
+        "format": "vgpt_jax.latent_store",
+        "format_version": FORMAT_VERSION,
+        "record_format": "VGLAT001 + uint32 header length + JSON header + raw little-endian latents",
+        "shards": list(shards),
+        "shard_num_records": [int(c) for c in counts],
+        # round_robin: record i -> shard i % num_shards, position i // num_shards;
+        # contiguous: the shards' records one after the other
+        "assignment": assignment,
+        "num_videos": int(sum(counts)),
+        "storage_dtype": dtype,
+        "latent_space": latent_space,
+        "normalization": normalization.to_dict() if normalization else None,
+        "latent_shape": {  # [F, h, w, C]; F and h, w vary per video
+            "channels": sorted({int(c) for c in shapes[:, 3]}),
+            "height": sorted({int(h) for h in shapes[:, 1]}),
+            "width": sorted({int(w) for w in shapes[:, 2]}),
+            "min_frames": int(shapes[:, 0].min()) if len(shapes) else 0,
+            "max_frames": int(shapes[:, 0].max()) if len(shapes) else 0,
+            "total_frames": int(shapes[:, 0].sum()) if len(shapes) else 0,
+        },
+        "settings": dict(settings),
+    }
+    if normalize_on_read and normalization:
+        manifest["normalize_on_read"] = True
+    return manifest
+
+
 class StoreWriter:
     """Stream records into `num_shards` shards; `close()` renames shards into place, then writes
     the manifest. Until then the directory holds only `.tmp` shards, so readers never see a
@@ -171,28 +217,9 @@ class StoreWriter:
             writer.close()
         for tmp, name in zip(self._tmp_paths, self._names):
             os.replace(tmp, os.path.join(self.path, name))
-        shapes = np.array(self._shapes, dtype=np.int64).reshape(-1, 4)
-        manifest = {
-            "format": "vgpt_jax.latent_store",
-            "format_version": FORMAT_VERSION,
-            "record_format": "VGLAT001 + uint32 header length + JSON header + raw little-endian latents",
-            "shards": self._names,
-            "shard_num_records": self._counts,
-            "assignment": "round_robin",  # record i -> shard i % num_shards, position i // num_shards
-            "num_videos": self._num_records,
-            "storage_dtype": self.dtype,
-            "latent_space": self.latent_space,
-            "normalization": self.normalization.to_dict() if self.normalization else None,
-            "latent_shape": {  # [F, h, w, C]; F and h, w vary per video
-                "channels": sorted({int(c) for c in shapes[:, 3]}),
-                "height": sorted({int(h) for h in shapes[:, 1]}),
-                "width": sorted({int(w) for w in shapes[:, 2]}),
-                "min_frames": int(shapes[:, 0].min()) if len(shapes) else 0,
-                "max_frames": int(shapes[:, 0].max()) if len(shapes) else 0,
-                "total_frames": int(shapes[:, 0].sum()) if len(shapes) else 0,
-            },
-            "settings": self.settings,
-        }
+        manifest = make_manifest(self._names, self._counts, self._shapes, dtype=self.dtype,
+                                 latent_space=self.latent_space, settings=self.settings,
+                                 normalization=self.normalization)
         _atomic_write_json(os.path.join(self.path, MANIFEST), manifest)
         return manifest
 
@@ -252,10 +279,16 @@ class LatentStore:
             if not os.path.exists(os.path.join(self.path, name)):
                 raise StoreError(f"{os.path.join(self.path, name)}: shard missing (listed in {manifest_path})")
         total, num_shards = sum(self.shard_counts), len(self.shards)
+        self.assignment = self.manifest.get("assignment", "round_robin")
+        if self.assignment not in ASSIGNMENTS:
+            raise StoreError(f"{manifest_path}: unknown assignment {self.assignment!r} (expected one of "
+                             f"{ASSIGNMENTS})")
         expected = [len(range(s, total, num_shards)) for s in range(num_shards)]
-        if self.shard_counts != expected:
+        if self.assignment == "round_robin" and self.shard_counts != expected:
             raise StoreError(f"{manifest_path}: per-shard counts {self.shard_counts} are not a round-robin "
                              f"split of {total} records")
+        self._starts = np.cumsum([0] + self.shard_counts).tolist()  # contiguous: shard s starts here
+        self._on_read = self.normalization if self.manifest.get("normalize_on_read") else None
         self._num_records = total
         self._readers: dict[int, Any] = {}
         self._locks = [threading.Lock() for _ in self.shards]
@@ -310,10 +343,14 @@ class LatentStore:
             index += n
         if not 0 <= index < n:
             raise IndexError(f"{self.path}: index {index} out of range for {n} videos")
+        if self.assignment == "contiguous":
+            shard = bisect.bisect_right(self._starts, index) - 1
+            return shard, index - self._starts[shard]
         return index % len(self.shards), index // len(self.shards)
 
     def read_raw(self, index: int) -> tuple[dict, np.ndarray]:
-        """`(full record header, latents float32 [F, h, w, C])`."""
+        """`(full record header, latents float32 [F, h, w, C])`, normalised by the manifest's
+        `normalization` (on read, for a store that holds raw latents)."""
         shard, local = self.locate(index)
         where = f"{self._shard_path(shard)} (record {local})"
         reader = self._reader(shard)
@@ -322,7 +359,8 @@ class LatentStore:
                 (record,) = reader.read([local])
         except Exception as e:
             raise StoreError(f"{where}: corrupt shard ({type(e).__name__}: {e})") from e
-        return decode_record(record, where)
+        header, latents = decode_record(record, where)
+        return header, latents if self._on_read is None else self._on_read.normalize(latents)
 
     def __getitem__(self, index: int) -> dict:
         header, latents = self.read_raw(index)

@@ -7,6 +7,11 @@ Parameters are stored stacked over layers (a leading `layers` axis): the same tr
 `lax.scan` over layers (`scan_layers=True`, one compiled layer) and an unrolled Python loop, and
 maps one-to-one onto Hugging Face `Phi3Model` weights. Each parameter carries logical axis names
 (`logical_axes` metadata) that `vgpt_jax.sharding` maps to mesh axes.
+
+Optional, both absent in the pretrained model: LoRA adapters on the linears (`vgpt_jax.lora`,
+stacked like the kernels), and a condition stream (`vgpt_jax.conditioning`): condition tokens
+run through the same layers beside the frame tokens, attending to each other, while frame
+tokens add `gate * condition_attention` per head (gates [layers, heads], zero at init).
 """
 from __future__ import annotations
 
@@ -17,9 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vgpt_jax import attention
+from vgpt_jax import attention, lora
+from vgpt_jax.conditioning import ConditionParam
 from vgpt_jax.config import ModelConfig, dtype_of
-from vgpt_jax.layout import TokenMeta
+from vgpt_jax.layout import ConditionLayout, TokenMeta
 from vgpt_jax.model import rope
 from vgpt_jax.sharding import constrain
 
@@ -60,15 +66,26 @@ class DecoderStack(nnx.Module):
         self.gate_up_proj = param((n, d, 2 * m), ("layers", "embed", "mlp"))
         self.down_proj = param((n, m, d), ("layers", "mlp", "embed"))
         self.final_norm = param((d,), ("norm",), ones)
+        self.condition_gate = (ConditionParam(jnp.zeros((n, cfg.num_heads), pdt),
+                                              logical_axes=("layers", "heads"))
+                               if cfg.conditions.enabled else None)
+        self.lora = (lora.StackedLoRA(cfg, {t: getattr(self, t) for t in cfg.lora.targets},
+                                      rngs=rngs) if cfg.lora.rank else None)
 
     def _layer_params(self):
-        return dict(input_norm=self.input_norm[...], qkv_proj=self.qkv_proj[...],
-                    o_proj=self.o_proj[...], post_attention_norm=self.post_attention_norm[...],
-                    gate_up_proj=self.gate_up_proj[...], down_proj=self.down_proj[...])
+        params = dict(input_norm=self.input_norm[...], qkv_proj=self.qkv_proj[...],
+                      o_proj=self.o_proj[...], post_attention_norm=self.post_attention_norm[...],
+                      gate_up_proj=self.gate_up_proj[...], down_proj=self.down_proj[...])
+        if self.condition_gate is not None:
+            params["condition_gate"] = self.condition_gate[...]
+        if self.lora is not None:
+            params.update(self.lora.layer_params())
+        return params
 
     def __call__(self, x_BTD, positions_BT, meta: TokenMeta, block_len: int, *,
                  cache: LayerKV | None = None, cache_meta: TokenMeta | None = None,
-                 return_kv: bool = False, tap: Callable | None = None):
+                 return_kv: bool = False, tap: Callable | None = None,
+                 conditions: tuple[jax.Array, ConditionLayout] | None = None):
         """Run the stack.
 
         x_BTD: input embeddings; positions_BT: RoPE positions; meta: token metadata [B, T].
@@ -79,6 +96,7 @@ class DecoderStack(nnx.Module):
         tap: a function of the residual stream [B, T, D] after each layer (e.g. a pooling, so
         that no [layers, B, T, D] stack is ever held); with it, the call returns only its
         outputs, stacked over layers: [layers, ...].
+        conditions: (condition token embeddings [B, C, D], their `ConditionLayout`), or None.
         """
         cfg = self.cfg
         cdt = dtype_of(cfg.dtype)
@@ -87,45 +105,70 @@ class DecoderStack(nnx.Module):
             *(jnp.concatenate([c, m], axis=1) for c, m in zip(cache_meta, meta)))
         b, t, _ = x_BTD.shape
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        lora_scale = self.lora.scale if self.lora is not None else 0.0
+        if conditions is not None:
+            x_cond, cond_layout = conditions
+            cos_c, sin_c = rope.rope_tables(cfg, cond_layout.position)
 
-        def layer(x, p_and_cache):
+        def layer(carry, p_and_cache):
             p, layer_cache = p_and_cache
             p = jax.tree.map(lambda a: a.astype(cdt), p)
-            y = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-            qkv = jnp.einsum("btd,de->bte", y, p["qkv_proj"])
-            q = qkv[..., : h * hd].reshape(b, t, h, hd)
-            k = qkv[..., h * hd: (h + kvh) * hd].reshape(b, t, kvh, hd)
-            v = qkv[..., (h + kvh) * hd:].reshape(b, t, kvh, hd)
-            q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+            x, xc = carry if conditions is not None else (carry, None)
+
+            def linear(y, name, spec):
+                return lora.adapt(jnp.einsum(spec, y, p[name]), y, p, name, lora_scale)
+
+            def qkv_of(x, cos, sin):
+                n = x.shape[1]
+                y = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
+                qkv = linear(y, "qkv_proj", "btd,de->bte")
+                q = qkv[..., : h * hd].reshape(b, n, h, hd)
+                k = qkv[..., h * hd: (h + kvh) * hd].reshape(b, n, kvh, hd)
+                v = qkv[..., (h + kvh) * hd:].reshape(b, n, kvh, hd)
+                return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
+
+            def attention_out_and_mlp(x, o):
+                x = x + linear(o.reshape(*x.shape[:2], h * hd), "o_proj", "bte,ed->btd")
+                y = rms_norm(x, p["post_attention_norm"], cfg.rms_norm_eps)
+                gate, up = jnp.split(linear(y, "gate_up_proj", "btd,dm->btm"), 2, axis=-1)
+                return x + linear(up * jax.nn.silu(gate), "down_proj", "btm,md->btd")
+
+            q, k, v = qkv_of(x, cos, sin)
             k_all, v_all = k, v
             if layer_cache is not None:
                 k_all = jnp.concatenate([layer_cache.k.astype(cdt), k], axis=1)
                 v_all = jnp.concatenate([layer_cache.v.astype(cdt), v], axis=1)
             o = attention.attend(q, k_all, v_all, meta, kv_meta, block_len, cfg.attention)
-            x = x + jnp.einsum("bte,ed->btd", o.reshape(b, t, h * hd), p["o_proj"])
-            y = rms_norm(x, p["post_attention_norm"], cfg.rms_norm_eps)
-            gate, up = jnp.split(jnp.einsum("btd,dm->btm", y, p["gate_up_proj"]), 2, axis=-1)
-            x = x + jnp.einsum("btm,md->btd", up * jax.nn.silu(gate), p["down_proj"])
-            x = constrain(x, ("batch", "sequence", "embed"))
+            if xc is not None:
+                qc, kc, vc = qkv_of(xc, cos_c, sin_c)
+                gate = p["condition_gate"][None, None, :, None]
+                o = o + gate * attention.condition_attention(q, kc, vc, meta, cond_layout,
+                                                             block_len)
+                xc = attention_out_and_mlp(xc, attention.condition_attention(
+                    qc, kc, vc, cond_layout, cond_layout, block_len))
+            x = constrain(attention_out_and_mlp(x, o), ("batch", "sequence", "embed"))
+            carry = (x, xc) if conditions is not None else x
             if tap is not None:
-                return x, tap(x)
-            return x, (LayerKV(k, v) if return_kv else None)
+                return carry, tap(x)
+            return carry, (LayerKV(k, v) if return_kv else None)
 
         if cfg.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat_policy])
         params = self._layer_params()
         x = constrain(x_BTD.astype(cdt), ("batch", "sequence", "embed"))
+        carry = x if conditions is None else (x, x_cond.astype(cdt))
         if cfg.scan_layers:
-            x, per_layer = jax.lax.scan(layer, x, (params, cache))
+            carry, per_layer = jax.lax.scan(layer, carry, (params, cache))
         else:
             kvs = []
             for i in range(cfg.num_layers):
                 layer_slice = lambda tree: jax.tree.map(lambda a: a[i], tree)
-                x, kv_i = layer(x, (layer_slice(params), layer_slice(cache)))
+                carry, kv_i = layer(carry, (layer_slice(params), layer_slice(cache)))
                 kvs.append(kv_i)
             per_layer = (jax.tree.map(lambda *a: jnp.stack(a), *kvs)
                          if return_kv or tap is not None else None)
         if tap is not None:
             return per_layer
+        x = carry if conditions is None else carry[0]
         x = rms_norm(x, self.final_norm[...].astype(cdt), cfg.rms_norm_eps)
         return (x, per_layer) if return_kv else x

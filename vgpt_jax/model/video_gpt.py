@@ -7,6 +7,11 @@ table. A noisy block becomes `[<|diffusion|>, time_token(t), image tokens]`, a c
 `[<img>, image tokens, </img>]`. The head (`FinalLayer`: non-affine LayerNorm, adaLN from a
 second time embedder, both zero-initialised) decodes the noisy image tokens to the x1
 prediction, unpatchified in (p, q, c) order.
+
+Every entry point takes optional `conditions` (`conditioning.Conditions`, for a model whose
+config has `conditions`): embedded by `condition_embed` and run by the decoder as a condition
+stream. They are not cached: condition tokens see only condition tokens, so each call embeds
+and runs the conditions of every frame it covers (history and new frames) afresh, a few tokens.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from vgpt_jax import layout as layout_lib
+from vgpt_jax.conditioning import ConditionEmbed, Conditions
 from vgpt_jax.config import ModelConfig, dtype_of
 from vgpt_jax.model.decoder import DecoderStack, LayerKV
 
@@ -139,6 +145,8 @@ class VideoGPT(nnx.Module):
         self.t_embedder = TimestepEmbedder(cfg, rngs=rngs)
         self.decoder = DecoderStack(cfg, rngs=rngs)
         self.final_layer = FinalLayer(cfg, rngs=rngs)
+        self.condition_embed = (ConditionEmbed(cfg, rngs=rngs) if cfg.conditions.enabled
+                                else None)
 
     # ------------------------------------------------------------------ pieces
 
@@ -179,6 +187,15 @@ class VideoGPT(nnx.Module):
         tokens = jnp.where(layout.noisy[:, :, None, None], noisy, clean)
         return tokens.reshape(b, n * layout.block_len, d)
 
+    def condition_tokens(self, conditions: Conditions | None):
+        """(embeddings [B, C, D], layout) for the decoder, or None without conditions."""
+        if conditions is None:
+            return None
+        if self.condition_embed is None:
+            raise ValueError("conditions given, but the model config has no conditions "
+                             "(model.conditions)")
+        return self.condition_embed(conditions, dtype_of(self.cfg.dtype)), conditions.layout
+
     def head(self, hidden_BTD, t_BN, layout, latent_hw, blocks=None):
         """Decode noisy image tokens to x1 predictions [B, NB', h, w, C] for `blocks` (static)."""
         cfg = self.cfg
@@ -196,7 +213,8 @@ class VideoGPT(nnx.Module):
 
     # ------------------------------------------------------------------ entry points
 
-    def __call__(self, latents_BNhwc, t_BN, layout: layout_lib.Layout, *, output_blocks=None):
+    def __call__(self, latents_BNhwc, t_BN, layout: layout_lib.Layout, *, output_blocks=None,
+                 conditions: Conditions | None = None):
         """Full forward over a sequence of blocks; returns x1 predictions [B, NB', h, w, C].
 
         `output_blocks` (a static index array or slice) selects which blocks to decode, e.g.
@@ -205,21 +223,22 @@ class VideoGPT(nnx.Module):
         self.check_inputs(latents_BNhwc, t_BN, layout)
         x = self.embed(latents_BNhwc, t_BN, layout)
         hidden = self.decoder(x, layout_lib.token_positions(layout), layout_lib.token_meta(layout),
-                              layout.block_len)
+                              layout.block_len, conditions=self.condition_tokens(conditions))
         return self.head(hidden, t_BN, layout, latents_BNhwc.shape[2:4], output_blocks)
 
-    def build_cache(self, clean_latents_BNhwc, layout: layout_lib.Layout) -> KVCache:
+    def build_cache(self, clean_latents_BNhwc, layout: layout_lib.Layout,
+                    conditions: Conditions | None = None) -> KVCache:
         """Keys/values of a clean history: computed once, reused at every denoising step."""
         t = jnp.ones(layout.frame.shape, jnp.float32)  # unused by clean blocks
         self.check_inputs(clean_latents_BNhwc, t, layout)
         x = self.embed(clean_latents_BNhwc, t, layout)
         meta = layout_lib.token_meta(layout)
         _, kv = self.decoder(x, layout_lib.token_positions(layout), meta, layout.block_len,
-                             return_kv=True)
+                             return_kv=True, conditions=self.condition_tokens(conditions))
         return KVCache(kv, meta)
 
     def extend_cache(self, clean_latents_BNhwc, layout: layout_lib.Layout,
-                     cache: KVCache) -> KVCache:
+                     cache: KVCache, conditions: Conditions | None = None) -> KVCache:
         """Append clean frames to a cache: they attend to the cached history (frame-causal), and
         their keys/values join it. Equal to `build_cache` over the history and the new frames."""
         t = jnp.ones(layout.frame.shape, jnp.float32)  # unused by clean blocks
@@ -227,16 +246,18 @@ class VideoGPT(nnx.Module):
         x = self.embed(clean_latents_BNhwc, t, layout)
         meta = layout_lib.token_meta(layout)
         _, kv = self.decoder(x, layout_lib.token_positions(layout), meta, layout.block_len,
-                             cache=cache.kv, cache_meta=cache.meta, return_kv=True)
+                             cache=cache.kv, cache_meta=cache.meta, return_kv=True,
+                             conditions=self.condition_tokens(conditions))
         return KVCache(LayerKV(*(jnp.concatenate([c, n], axis=2) for c, n in zip(cache.kv, kv))),
                        layout_lib.TokenMeta(*(jnp.concatenate([c, m], axis=1)
                                               for c, m in zip(cache.meta, meta))))
 
     def denoise_with_cache(self, noisy_latents_BNhwc, t_BN, layout: layout_lib.Layout,
-                           cache: KVCache):
+                           cache: KVCache, conditions: Conditions | None = None):
         """x1 prediction for noisy blocks that attend to a cached history: [B, NB, h, w, C]."""
         self.check_inputs(noisy_latents_BNhwc, t_BN, layout)
         x = self.embed(noisy_latents_BNhwc, t_BN, layout)
         hidden = self.decoder(x, layout_lib.token_positions(layout), layout_lib.token_meta(layout),
-                              layout.block_len, cache=cache.kv, cache_meta=cache.meta)
+                              layout.block_len, cache=cache.kv, cache_meta=cache.meta,
+                              conditions=self.condition_tokens(conditions))
         return self.head(hidden, t_BN, layout, noisy_latents_BNhwc.shape[2:4])

@@ -1,0 +1,153 @@
+"""Condition tokens: a class per video (global) and an action per frame (per-frame), embedded
+as tokens beside the frame blocks (`layout.ConditionLayout`, the rule in `attention.visible`).
+
+`Conditions` is what a caller gives the model: the raw condition values and their layout. The
+model embeds them (`ConditionEmbed`: a class table, a linear map of the action vector, each with
+a learned type embedding) and runs them through the decoder as a stream of their own: condition
+tokens attend to condition tokens only, and frame tokens add a gated attention to them
+(`attention.condition_attention`; the gates start at zero). Dropping a condition marks its token
+invalid, so a video with every condition dropped sees no condition key and is computed exactly
+as by the model without conditions: that is the unconditional branch of condition guidance and
+of condition dropout in training.
+
+Condition parameters are `ConditionParam`s (an `nnx.Param` subclass), so an nnx filter selects
+them: LoRA fine-tuning trains them with the adapters (`lora.TRAINABLE`).
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vgpt_jax import layout as layout_lib
+from vgpt_jax.config import ModelConfig, dtype_of
+
+
+class ConditionParam(nnx.Param):
+    """A parameter of a condition path (embeddings, gates): new in a fine-tune, always trained."""
+
+
+@flax.struct.dataclass
+class Conditions:
+    """Condition values and their token layout. `class_id` [B] int32 (the model has classes),
+    `actions` [B, F', A] float32 (the model has actions: one per per-frame token of `layout`,
+    in its order), `layout` [B, C] with C = (1 if classes) + (F' if actions)."""
+    layout: layout_lib.ConditionLayout
+    class_id: jax.Array | None = None
+    actions: jax.Array | None = None
+
+    def dropped(self, drop_B) -> "Conditions":
+        """The same conditions with video b's all invalid where `drop_B[b]`."""
+        keep = ~jnp.asarray(drop_B, bool)[:, None]
+        return self.replace(layout=self.layout.replace(valid=self.layout.valid & keep))
+
+
+def make_conditions(cfg: ModelConfig, frame_BF, position_BF, block_len: int, *, class_id=None,
+                    actions=None) -> Conditions | None:
+    """The model's conditions over frames `frame_BF` (RoPE slots `position_BF`), or None when
+    none are given (the unconditioned model). `class_id` [B] and `actions` [B, F, A] (one per
+    frame of `frame_BF`): given at all, each kind the model has is required and no other;
+    errors name the missing or extra input."""
+    cc = cfg.conditions
+    if class_id is None and actions is None:
+        return None
+    frame = jnp.asarray(frame_BF, jnp.int32)
+    b, f = frame.shape
+    for name, given, needed in (("class_id", class_id, cc.num_classes > 0),
+                                ("actions", actions, cc.action_dim > 0)):
+        if needed and given is None:
+            raise ValueError(f"{name}: missing; the model is conditioned on it ({cc})")
+        if given is not None and not needed:
+            raise ValueError(f"{name}: given, but the model has no such condition ({cc})")
+    if class_id is not None:
+        class_id = jnp.asarray(class_id, jnp.int32)
+        if class_id.shape != (b,):
+            raise ValueError(f"class_id: shape {class_id.shape}, expected [batch] = ({b},)")
+    if actions is not None:
+        actions = jnp.asarray(actions, jnp.float32)
+        if actions.shape != (b, f, cc.action_dim):
+            raise ValueError(f"actions: shape {actions.shape}, expected [batch, frames, "
+                             f"action_dim] = {(b, f, cc.action_dim)}")
+    else:
+        frame, position_BF = frame[:, :0], jnp.asarray(position_BF)[:, :0]
+    layout = layout_lib.condition_layout(frame, position_BF, block_len,
+                                         num_global=int(cc.num_classes > 0))
+    return Conditions(layout, class_id, actions)
+
+
+def check_class_ids(class_id_B, num_classes: int, what: str = "class_id") -> None:
+    """Host-side range check (traced values are checked for nothing)."""
+    if isinstance(class_id_B, jax.core.Tracer):
+        return
+    ids = np.asarray(class_id_B)
+    bad = ids[(ids < 0) | (ids >= num_classes)]
+    if bad.size:
+        raise ValueError(f"{what}: class {int(bad[0])} outside [0, {num_classes}) (the model's "
+                         "conditions.num_classes)")
+
+
+class ConditionEmbed(nnx.Module):
+    """Condition values -> tokens [B, C, D] in the layout's order (class token, action tokens)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cc, d, pdt = cfg.conditions, cfg.hidden_size, dtype_of(cfg.param_dtype)
+        normal = nnx.initializers.normal(cfg.init_std)
+        param = lambda shape, axes, init=normal: ConditionParam(
+            init(rngs.params(), shape, pdt), logical_axes=axes)
+        self.classes = param((cc.num_classes, d), (None, "embed")) if cc.num_classes else None
+        if cc.action_dim:
+            self.action_kernel = param((cc.action_dim, d), (None, "embed"),
+                                       nnx.initializers.lecun_normal())
+            self.action_type = param((d,), ("embed",))
+        else:
+            self.action_kernel = self.action_type = None
+
+    def __call__(self, cond: Conditions, dtype) -> jax.Array:
+        tokens = []
+        if self.classes is not None:
+            tokens.append(self.classes[...].astype(dtype)[cond.class_id][:, None])
+        if self.action_kernel is not None:
+            a = cond.actions.astype(dtype) @ self.action_kernel[...].astype(dtype)
+            tokens.append(a + self.action_type[...].astype(dtype))
+        return jnp.concatenate(tokens, axis=1)
+
+
+def batch_conditions(cfg: ModelConfig, batch: dict, block_len: int, drop_rng=None,
+                     dropout: float = 0.0) -> Conditions | None:
+    """The conditions of a training batch ({latents [B, F, ...], class_id [B], actions
+    [B, F, A]}) over its frames 0..F-1, each video's dropped with probability `dropout` (one
+    draw per video from `drop_rng`: the unconditional branch that guidance needs)."""
+    b, f = batch["latents"].shape[:2]
+    frames = jnp.broadcast_to(jnp.arange(f, dtype=jnp.int32), (b, f))
+    cond = make_conditions(cfg, frames, frames, block_len, class_id=batch.get("class_id"),
+                           actions=batch.get("actions"))
+    if cond is None or drop_rng is None or dropout == 0.0:
+        return cond
+    return cond.dropped(jax.random.bernoulli(drop_rng, dropout, (b,)))
+
+
+def record_conditions(record: dict, cc, frame_index, where: str) -> dict:
+    """A store record's conditions for the sampled frames `frame_index` [N]: {class_id []
+    int32, actions [N, A] float32} as `cc` (a `ConditionConfig`) needs. They live in the
+    record's `extra`: `class_id` an int, `actions` one A-vector per stored frame."""
+    extra = record.get("extra") or {}
+    source = record.get("source", "?")
+    out = {}
+    if cc.num_classes:
+        if "class_id" not in extra:
+            raise ValueError(f"{where}: video {source!r} has no class_id (the model has "
+                             f"conditions.num_classes={cc.num_classes})")
+        check_class_ids(np.asarray([extra["class_id"]]), cc.num_classes,
+                        f"{where}: video {source!r} class_id")
+        out["class_id"] = np.int32(extra["class_id"])
+    if cc.action_dim:
+        actions = np.asarray(extra.get("actions", np.zeros((0, 0))), np.float32)
+        frames = np.shape(record["latents"])[0]
+        if actions.shape != (frames, cc.action_dim):
+            raise ValueError(f"{where}: video {source!r} has actions of shape {actions.shape}; "
+                             f"the model needs one {cc.action_dim}-vector per frame "
+                             f"({frames} frames)")
+        out["actions"] = actions[np.asarray(frame_index)]
+    return out
