@@ -27,7 +27,7 @@ def test_round_trip_keeps_order_shapes_and_metadata(tmp_path, dtype, np_dtype):
     assert len(store) == 7
     for i, r in enumerate(records):
         item = store[i]
-        assert set(item) == {"latents", "fps", "source", "num_frames"}
+        assert set(item) == {"latents", "fps", "source", "num_frames", "extra"}
         assert item["latents"].dtype == np.float32 and item["latents"].shape == r["latents"].shape
         np.testing.assert_array_equal(item["latents"], r["latents"].astype(np_dtype).astype(np.float32))
         assert (item["fps"], item["source"], item["num_frames"]) == (r["fps"], r["source"], r["num_frames"])

@@ -33,6 +33,7 @@ from flax import nnx
 
 from vgpt_jax import checkpoint as ckpt_lib
 from vgpt_jax import diffusion
+from vgpt_jax import finetune
 from vgpt_jax import optim
 from vgpt_jax import sharding as shard_lib
 from vgpt_jax.config import (ModelConfig, block_len_for, validate_train_config)
@@ -91,8 +92,10 @@ def abstract_state(model_cfg: ModelConfig, tx, mesh, rules):
                           nnx.to_pure_dict(abs_params), p_shard)
     rep = shard_lib.replicated(mesh)
     opt_shapes = jax.eval_shape(tx.init, params)
-    opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, p_shard,
-                                      transform_non_params=lambda _: rep)
+    # An adapters-only optimiser (`finetune.adapters_only`) holds MaskedNodes for frozen params.
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    opt_shard = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, opt_shapes, p_shard,
+                                      transform_non_params=lambda _: rep, is_leaf=masked)
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              opt_shapes, opt_shard)
     state = TrainState(params, opt_state, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
@@ -123,9 +126,13 @@ def init_state(model_cfg: ModelConfig, tx, abstract: TrainState, seed: int,
 # --------------------------------------------------------------------------- step
 
 def make_train_step(graphdef, obj_cfg: diffusion.ObjectiveConfig, tx, schedule, accum_steps: int,
-                    state_shardings, batch_shardings, mesh, rules):
-    """The jitted step `(state, batch) -> (state, metrics)`, state donated."""
+                    state_shardings, batch_shardings, mesh, rules, labels=None):
+    """The jitted step `(state, batch) -> (state, metrics)`, state donated. `labels`: a params
+    tree -> {"train", "frozen"} function (adapters-only fine-tuning): frozen parameters get no
+    gradient (`finetune.freeze`)."""
     def loss_fn(params, batch, rng):
+        if labels is not None:
+            params = finetune.freeze(params, labels(params))
         return diffusion.loss(nnx.merge(graphdef, params), batch, rng, obj_cfg)
 
     def step_fn(state: TrainState, batch):
@@ -368,16 +375,26 @@ def build(config, data_source=None, devices=None) -> Setup:
     _adopt_normalization(config, source, name)
 
     tx, schedule = optim.make_optimizer(config.optim, int(config.train.steps))
+    labels = None
+    if finetune.trains_adapters_only(config.optim, model_cfg):
+        labels = finetune.labels_for(model_cfg)
+        tx = finetune.adapters_only(tx, labels)
     graphdef, abstract = abstract_state(model_cfg, tx, mesh, rules)
     shard_lib.check_sufficiently_sharded(abstract.params, mesh,
                                          float(config.mesh.unsharded_tolerance))
     b = int(config.data.global_batch_size)
     batch_sh = {"latents": shard_lib.batch_sharding(mesh, rules, 5),
                 "clip_ids": shard_lib.batch_sharding(mesh, rules, 2)}
+    conditions = model_cfg.conditions
+    if conditions.num_classes:
+        batch_sh["class_id"] = shard_lib.batch_sharding(mesh, rules, 1)
+    if conditions.action_dim:
+        batch_sh["actions"] = shard_lib.batch_sharding(mesh, rules, 3)
     rows = input_pipeline.process_rows(batch_sh["latents"], b)
-    dataset = input_pipeline.make_dataset(source, config.data, rows=rows, name=name)
+    dataset = input_pipeline.make_dataset(source, config.data, rows=rows, name=name,
+                                          conditions=model_cfg.conditions)
     step_fn = make_train_step(graphdef, obj_cfg, tx, schedule, int(config.optim.grad_accum_steps),
-                              shardings_of(abstract), batch_sh, mesh, rules)
+                              shardings_of(abstract), batch_sh, mesh, rules, labels)
     return Setup(config, model_cfg, mesh, rules, tx, schedule, graphdef, abstract, batch_sh,
                  dataset, step_fn)
 
@@ -423,7 +440,9 @@ def initial_state(run: Setup, ckpt: ckpt_lib.TrainCheckpointer, data_iter, *,
     if init_from:
         _check_same_data_normalization(run.config, ckpt_lib.resolve_params(init_from)[1],
                                        f"checkpoint.init_from {init_from!r}")
-        params = ckpt_lib.load_params(init_from, run.model_cfg, shardings_of(abstract.params))
+        # New condition / adapter parameters keep this run's initialisation (finetune).
+        params = finetune.pretrained_params(init_from, run.model_cfg, run.init().params,
+                                            shardings_of(abstract.params))
         log.info("initialised params from %s", init_from)
     return run.init(params), 0
 

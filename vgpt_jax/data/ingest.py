@@ -234,6 +234,8 @@ def ingest_arrays(items: Iterable[tuple[np.ndarray, float, str]], output: str, l
                   overwrite: bool = False, settings: dict[str, Any] | None = None,
                   normalize: str = "none", normalize_sample_frames: int = 4096) -> store_lib.LatentStore:
     """In-memory ingestion: `(frames uint8 [T, H, W, 3], fps, name)` triples -> an open LatentStore.
+    A 4th item, a dict, joins the record's `extra`: a video's conditions (`class_id`, per-frame
+    `actions`; see `conditioning.record_conditions`), which need `frame_stride=1`.
 
     Frames are used at their size (no resize or crop; H and W must be multiples of the space's
     downsample). Used by the physics world and tests; no video files are involved.
@@ -248,20 +250,24 @@ def ingest_arrays(items: Iterable[tuple[np.ndarray, float, str]], output: str, l
                     "downsample": int(space.downsample), "channels": int(space.channels),
                     "normalize": normalize if isinstance(normalize, str) else "given",
                     **(settings or {})}
-    items = [(np.asarray(frames)[::frame_stride], fps, name) for frames, fps, name in items]
+    items = [(np.asarray(item[0])[::frame_stride], item[1], item[2],
+              dict(item[3]) if len(item) > 3 else {}) for item in items]
+    if frame_stride != 1 and any("actions" in extra for *_, extra in items):
+        raise ValueError(f"ingest_arrays: frame_stride={frame_stride} would drop per-frame "
+                         "actions; ingest videos with actions at frame_stride=1")
     normalization = normalize if isinstance(normalize, LatentNormalization) else None
     if normalization is None and normalize != "none":
         raw = raw_space(space)
         normalization = measure_normalization(
             (encode_in_batches(raw, frames[:normalize_sample_frames], encode_batch)
-             for frames, _, _ in items), normalize, normalize_sample_frames)
+             for frames, *_ in items), normalize, normalize_sample_frames)
         space = with_normalization(space, normalization)
     with store_lib.StoreWriter(output, num_shards=num_shards, dtype=dtype, latent_space=description,
                                settings=all_settings, overwrite=overwrite,
                                normalization=normalization) as writer:
-        for frames, fps, name in items:
+        for frames, fps, name, extra in items:
             space.check_frames(frames, what=name)
             latents = encode_in_batches(space, frames, encode_batch, store_lib.STORAGE_DTYPES[dtype])
             writer.add(latents, fps=fps / frame_stride, source=name, num_frames=len(frames),
-                       extra={"stride": frame_stride, "source_fps": fps})
+                       extra={"stride": frame_stride, "source_fps": fps, **extra})
     return store_lib.LatentStore(output)

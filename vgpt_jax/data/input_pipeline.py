@@ -37,16 +37,21 @@ def min_video_frames(data_cfg) -> int:
 
 def sample_frames(latents_Thwc: np.ndarray, data_cfg, rng: np.random.Generator) -> np.ndarray:
     """Pick N evenly strided frames from a random start: [N, h, w, C]."""
-    n, t = int(data_cfg.num_frames), latents_Thwc.shape[0]
+    return latents_Thwc[sample_frame_indices(latents_Thwc.shape[0], data_cfg, rng)]
+
+
+def sample_frame_indices(t: int, data_cfg, rng: np.random.Generator) -> np.ndarray:
+    """The indices [N] of N evenly strided frames of a T-frame video, from a random start."""
+    n = int(data_cfg.num_frames)
     if n == 1:
-        return latents_Thwc[rng.integers(0, t)][None]
+        return np.asarray([rng.integers(0, t)])
     lo, hi = int(data_cfg.stride_min), min(int(data_cfg.stride_max), (t - 1) // (n - 1))
     if hi < lo:
         raise ValueError(f"video of {t} frames is too short for {n} frames at stride {lo}")
     stride = lo if hi == lo else int(rng.integers(lo, hi + 1))
     span = (n - 1) * stride + 1
     start = int(rng.integers(0, t - span + 1))
-    return latents_Thwc[start:start + span:stride]
+    return np.arange(start, start + span, stride)
 
 
 class _Subset:
@@ -104,10 +109,13 @@ class _Rows(grain.MapDataset):
 
 
 class _Sample:
-    """grain random map: a video -> {latents [N, h, w, C] float32, clip_ids [N] int32}."""
+    """grain random map: a video -> {latents [N, h, w, C] float32, clip_ids [N] int32}, and the
+    conditions the model needs from the record's `extra` (`conditioning.record_conditions`):
+    class_id [] int32, actions [N, A] float32 (the sampled frames' actions)."""
 
-    def __init__(self, data_cfg, latent_hwc: tuple[int, ...], name: str):
+    def __init__(self, data_cfg, latent_hwc: tuple[int, ...], name: str, conditions=None):
         self.data_cfg, self.latent_hwc, self.name = data_cfg, tuple(latent_hwc), name
+        self.conditions = conditions
 
     def __call__(self, record, rng: np.random.Generator):
         latents = np.asarray(record["latents"], np.float32)
@@ -115,9 +123,13 @@ class _Sample:
             raise ValueError(f"{self.name}: video {record.get('source', '?')!r} has latents of "
                              f"shape {latents.shape[1:]}, but the batch needs {self.latent_hwc} "
                              "(all videos of a run must share one latent size)")
-        frames = sample_frames(latents, self.data_cfg, rng)
-        clip_ids = layout_lib.sample_clip_ids(rng, frames.shape[0], self.data_cfg.clip_mode)
-        return {"latents": frames, "clip_ids": clip_ids}
+        index = sample_frame_indices(latents.shape[0], self.data_cfg, rng)
+        clip_ids = layout_lib.sample_clip_ids(rng, len(index), self.data_cfg.clip_mode)
+        out = {"latents": latents[index], "clip_ids": clip_ids}
+        if self.conditions is not None and self.conditions.enabled:
+            from vgpt_jax import conditioning
+            out.update(conditioning.record_conditions(record, self.conditions, index, self.name))
+        return out
 
 
 def process_rows(sharding, global_batch: int) -> tuple[int, int]:
@@ -134,9 +146,10 @@ def process_rows(sharding, global_batch: int) -> tuple[int, int]:
 
 
 def make_dataset(source, data_cfg, *, rows: tuple[int, int] | None = None,
-                 name: str = "data source") -> grain.IterDataset:
+                 name: str = "data source", conditions=None) -> grain.IterDataset:
     """Batches {latents [n, N, h, w, C], clip_ids [n, N]} of this process's rows [lo, hi) of each
-    global batch (all rows when `rows` is None)."""
+    global batch (all rows when `rows` is None); with `conditions` (the model's
+    `ConditionConfig`), also class_id [n] / actions [n, N, A] as it needs."""
     b = int(data_cfg.global_batch_size)
     lo, hi = rows if rows is not None else (0, b)
     if len(source) == 0:
@@ -146,7 +159,7 @@ def make_dataset(source, data_cfg, *, rows: tuple[int, int] | None = None,
     ds = grain.MapDataset.source(_Subset(source, keep)).seed(int(data_cfg.seed))
     if data_cfg.shuffle:
         ds = ds.shuffle()
-    ds = ds.repeat(None).random_map(_Sample(data_cfg, first.shape[1:], name))
+    ds = ds.repeat(None).random_map(_Sample(data_cfg, first.shape[1:], name, conditions))
     ds = _Rows(ds, b, lo, hi - lo).batch(hi - lo, drop_remainder=True)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads),
                                               prefetch_buffer_size=int(data_cfg.prefetch_buffer_size)))

@@ -365,7 +365,7 @@ class LatentStore:
     def __getitem__(self, index: int) -> dict:
         header, latents = self.read_raw(index)
         return {"latents": latents, "fps": float(header["fps"]), "source": header["source"],
-                "num_frames": int(header["num_frames"])}
+                "num_frames": int(header["num_frames"]), "extra": header.get("extra", {})}
 
     def __iter__(self):
         for i in range(len(self)):
