@@ -15,7 +15,7 @@ BALLS_ONLY = WorldConfig(scenarios=("balls",))
 
 def _ball_starts(n_balls, count, config=BALLS_ONLY, seed=0):
     config = dataclasses.replace(config, min_balls=n_balls, max_balls=n_balls)
-    samples = [pw._sample_balls(np.random.default_rng(seed + s), config) for s in range(count)]
+    samples = [pw.sample_balls(np.random.default_rng(seed + s), config) for s in range(count)]
     return [np.stack([s[k] for s in samples]) for k in range(3)]
 
 

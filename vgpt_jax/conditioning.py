@@ -55,12 +55,7 @@ def make_conditions(cfg: ModelConfig, frame_BF, position_BF, block_len: int, *, 
         return None
     frame = jnp.asarray(frame_BF, jnp.int32)
     b, f = frame.shape
-    for name, given, needed in (("class_id", class_id, cc.num_classes > 0),
-                                ("actions", actions, cc.action_dim > 0)):
-        if needed and given is None:
-            raise ValueError(f"{name}: missing; the model is conditioned on it ({cc})")
-        if given is not None and not needed:
-            raise ValueError(f"{name}: given, but the model has no such condition ({cc})")
+    check_kinds(cc, class_id, actions)
     if class_id is not None:
         class_id = jnp.asarray(class_id, jnp.int32)
         if class_id.shape != (b,):
@@ -75,6 +70,17 @@ def make_conditions(cfg: ModelConfig, frame_BF, position_BF, block_len: int, *, 
     layout = layout_lib.condition_layout(frame, position_BF, block_len,
                                          num_global=int(cc.num_classes > 0))
     return Conditions(layout, class_id, actions)
+
+
+def check_kinds(cc, class_id, actions) -> None:
+    """Given any conditions, each kind the model (`cc`: its `ConditionConfig`) has is required
+    and no other; the error names the missing or extra input."""
+    for name, given, needed in (("class_id", class_id, cc.num_classes > 0),
+                                ("actions", actions, cc.action_dim > 0)):
+        if needed and given is None:
+            raise ValueError(f"{name}: missing; the model is conditioned on it ({cc})")
+        if given is not None and not needed:
+            raise ValueError(f"{name}: given, but the model has no such condition ({cc})")
 
 
 def check_class_ids(class_id_B, num_classes: int, what: str = "class_id") -> None:

@@ -74,8 +74,10 @@ def check_videos(videos: Sequence[HeldOutVideo], context_frames: int, predict_fr
 
 
 def predict_all(pipeline, videos, context_frames, predict_frames, *, clip_frames, steps,
-                guidance, seed, batch_size=8, progress=None) -> np.ndarray:
-    """Model predictions for every video: uint8 [N, predict_frames, H, W, 3]."""
+                guidance, seed, predict_options=None, batch_size=8, progress=None) -> np.ndarray:
+    """Model predictions for every video: uint8 [N, predict_frames, H, W, 3].
+    `predict_options`: further keyword arguments of `Pipeline.predict` (window, context_noise,
+    ...)."""
     sizes = [clip_frames] * (predict_frames // clip_frames)
     if predict_frames % clip_frames:
         sizes.append(predict_frames % clip_frames)
@@ -84,6 +86,7 @@ def predict_all(pipeline, videos, context_frames, predict_frames, *, clip_frames
         chunk = videos[start:start + batch_size]
         context = np.stack([v.frames[:context_frames] for v in chunk])
         result = pipeline.predict(context, clip_sizes=sizes, steps=steps, guidance=guidance,
+                                  **(predict_options or {}),
                                   seed=[seed + start + i for i in range(len(chunk))])
         out.append(result.frames)
         if progress is not None:
@@ -133,10 +136,12 @@ def ball_scores(predictions: dict[str, np.ndarray], videos, context_frames) -> d
 
 
 def history_usage(pipeline, videos, context_frames: int, predict_frames: int, *,
-                  ts=HISTORY_TS, draws: int = 4, seed: int = 0) -> dict:
-    """Does the model read its history? The error (latent MSE) of the predicted frames at
+                  clip_frames: int | None = None, ts=HISTORY_TS, draws: int = 4,
+                  seed: int = 0) -> dict:
+    """Does the model read its history? The error (latent MSE) of the first predicted clip
+    (`clip_frames` frames, default all `predict_frames`: the clip the sampler denoises first) at
     noise levels `ts`, with the true context, with another video's context (the batch rolled
-    by one) and with no context (the frames as a first clip), averaged over videos and `draws`
+    by one) and with no context (the clip as a first clip), averaged over videos and `draws`
     noise draws (`diffusion.denoising_error`). The error is of what the network predicts: x1,
     or the velocity for a v-prediction model. A model that ignores its history has three equal
     columns; `gain` is no-context error over true-context error."""
@@ -146,7 +151,7 @@ def history_usage(pipeline, videos, context_frames: int, predict_frames: int, *,
 
     from vgpt_jax import diffusion
     space = pipeline.latent_space
-    c, p = context_frames, predict_frames
+    c, p = context_frames, min(clip_frames or predict_frames, predict_frames)
     z = np.stack([space.encode(v.frames[:c + p]) for v in videos])
     graphdef, state = nnx.split(pipeline.model)
     objective = diffusion.ObjectiveConfig(
@@ -218,7 +223,7 @@ def markdown_report(report: dict) -> str:
                     f" {bm['color_error']:.3f} |")
         lines.append(row)
     if report.get("history"):
-        lines += ["", "History use: x1 error (latent MSE) of the predicted frames at noise "
+        lines += ["", "History use: x1 error (latent MSE) of the first predicted clip at noise "
                   "level t, by context", "",
                   "| t | true context | another video's context | no context | gain |",
                   "|---|---|---|---|---|"]
@@ -235,10 +240,15 @@ def markdown_report(report: dict) -> str:
 def evaluate(pipeline, videos: Sequence[HeldOutVideo], *, context_frames: int,
              predict_frames: int, clip_frames: int | None = None, steps: int = 50,
              guidance: float = 1.5, seed: int = 0, fvd: bool = False, mean_row: bool = True,
-             history: bool = True, progress=None) -> tuple[dict, dict[str, np.ndarray]]:
+             history: bool = True, predict_options: dict | None = None,
+             progress=None) -> tuple[dict, dict[str, np.ndarray]]:
     """Run the model and the baselines on `videos`; returns (report, predictions by method).
 
-    `history`: also measure how much the model uses its context (`history_usage`)."""
+    `history`: also measure how much the model uses its context (`history_usage`).
+    `predict_options`: further keyword arguments of `Pipeline.predict`, e.g. `window` (a
+    rollout longer than the frames the model was trained on stays within the trained length
+    when `window` is that length: the newest frames are kept, positions restart at 0, as in the
+    reference's long-video sampling) or `context_noise`."""
     check_videos(videos, context_frames, predict_frames)
     space = pipeline.latent_space
     if space is None:
@@ -247,7 +257,7 @@ def evaluate(pipeline, videos: Sequence[HeldOutVideo], *, context_frames: int,
     truth = np.stack([v.frames[context_frames:context_frames + predict_frames] for v in videos])
     run = lambda n: predict_all(pipeline, videos, context_frames, predict_frames,
                                 clip_frames=clip_frames, steps=n, guidance=guidance, seed=seed,
-                                progress=progress)
+                                predict_options=predict_options, progress=progress)
     predictions = {
         "video_gpt": run(steps),
         **({"video_gpt_1step": run(1)} if mean_row and steps > 1 else {}),
@@ -261,14 +271,14 @@ def evaluate(pipeline, videos: Sequence[HeldOutVideo], *, context_frames: int,
         "num_videos": len(videos), "context_frames": context_frames,
         "predict_frames": predict_frames,
         "settings": {"steps": steps, "guidance": guidance, "clip_frames": clip_frames,
-                     "seed": seed},
+                     "seed": seed, **(predict_options or {})},
         "metrics": score(predictions, truth),
         "physics_iq": physics_iq_scores(predictions, videos, context_frames),
         "balls": ball_scores(predictions, videos, context_frames),
     }
     if history:
         report["history"] = history_usage(pipeline, videos, context_frames, predict_frames,
-                                          seed=seed)
+                                          clip_frames=clip_frames, seed=seed)
     if fvd:
         from vgpt_jax.eval import fvd as fvd_lib
         report["fvd"] = {name: float(fvd_lib.fvd(pred, truth)) for name, pred in predictions.items()}
@@ -340,6 +350,11 @@ def main(argv=None) -> int:
     p.add_argument("--clip-frames", type=int, default=0, help="0: one clip")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--window", type=int, default=80,
+                   help="the sampler's history window in frames (the trained length keeps a "
+                        "long rollout within what the model saw)")
+    p.add_argument("--context-noise", type=float, default=0.0,
+                   help="noise c of generated frames joining the history: (1 - c) x + c eps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fvd", action="store_true", help="also FVD (needs the eval extra)")
     p.add_argument("--max-grids", type=int, default=8)
@@ -365,7 +380,8 @@ def main(argv=None) -> int:
     report, predictions = evaluate(
         pipeline, videos, context_frames=args.context_frames, predict_frames=args.predict_frames,
         clip_frames=args.clip_frames or None, steps=args.steps, guidance=args.guidance,
-        seed=args.seed, fvd=args.fvd)
+        seed=args.seed, fvd=args.fvd,
+        predict_options=dict(window=args.window, context_noise=args.context_noise))
     report["checkpoint"] = os.path.abspath(args.checkpoint)
     write_report(report, args.out, videos, predictions, args.context_frames, args.max_grids)
     print(markdown_report(report))

@@ -557,12 +557,7 @@ def _check_conditions(model_cfg: ModelConfig, class_id, actions, batch: int, fra
     cc = model_cfg.conditions
     if class_id is None and actions is None:
         return None, None
-    for name, given, needed in (("class_id", class_id, cc.num_classes > 0),
-                                ("actions", actions, cc.action_dim > 0)):
-        if needed and given is None:
-            raise ValueError(f"{name}: missing; the model is conditioned on it ({cc})")
-        if given is not None and not needed:
-            raise ValueError(f"{name}: given, but the model has no such condition ({cc})")
+    conditioning.check_kinds(cc, class_id, actions)
     if class_id is not None:
         class_id = np.asarray(class_id, np.int32)
         if class_id.shape != (batch,):

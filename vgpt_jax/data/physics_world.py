@@ -151,7 +151,9 @@ def simulate_balls(positions, velocities, radii, num_frames: int, config: WorldC
     return np.stack(out_pos, 1), np.stack(out_vel, 1)
 
 
-def _sample_balls(rng: np.random.Generator, config: WorldConfig):
+def sample_balls(rng: np.random.Generator, config: WorldConfig):
+    """One start: `(positions [n, 2], velocities [n, 2], radii [n])`, n uniform in the config's
+    ball range, non-overlapping."""
     n = int(rng.integers(config.min_balls, config.max_balls + 1))
     radii = rng.uniform(config.min_radius, config.max_radius, n)
     positions = np.zeros((n, 2))
@@ -223,7 +225,8 @@ def _sample_pendulum(rng: np.random.Generator, config: WorldConfig):
 
 # ----------------------------------------------------------------------------- rendering
 
-def _palette(rng: np.random.Generator, n: int) -> np.ndarray:
+def palette(rng: np.random.Generator, n: int) -> np.ndarray:
+    """`n` distinct body colours [n, 3], bright (70..255 per channel)."""
     hues = (rng.uniform() + np.arange(n) / max(n, 1)) % 1.0  # evenly spread: bodies stay distinguishable
     rgb = np.clip(np.abs((hues[:, None] * 6 + np.array([0.0, 4.0, 2.0])) % 6 - 3) - 1, 0, 1)  # HSV, S=V=1
     return 70 + 185 * rgb  # bright, saturated colours, clear of the dark background
@@ -319,9 +322,9 @@ def make_dataset(num_videos: int, num_frames: int = 32, size: int = 64, seed: in
         s = video_seed(seed, split, index)
         rng = np.random.default_rng(s)
         scenario = config.scenarios[int(rng.integers(len(config.scenarios)))]
-        sample = _sample_balls(rng, config) if scenario == "balls" else _sample_pendulum(rng, config)
+        sample = sample_balls(rng, config) if scenario == "balls" else _sample_pendulum(rng, config)
         n_bodies = len(sample[2]) if scenario == "balls" else 2
-        colors = _palette(rng, n_bodies)
+        colors = palette(rng, n_bodies)
         for take in range(num_takes):
             perturbed = _perturb(sample, scenario, rng, config.epsilon) if take else sample
             groups[(scenario, n_bodies)].append((index, s, take, perturbed, colors))

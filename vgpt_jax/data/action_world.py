@@ -1,0 +1,80 @@
+"""The physics world with a controlled push: an action per frame acts on ball 0.
+
+Frame f (f >= 1) is the state one frame after the push `actions[f]` (a velocity change, world
+units / s) was applied to ball 0 at frame f - 1; `actions[0]` is zero. Each frame a push
+happens with probability `push_prob`, in a uniform direction with speed `push_speed`; the rest
+of the world is `physics_world`'s balls scenario (gravity, elastic walls and collisions), so
+the push is the one thing a model cannot predict from the past: action-conditioned prediction
+must read it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from vgpt_jax.data import physics_world as pw
+
+ACTION_DIM = 2
+
+
+@dataclasses.dataclass
+class PushClip:
+    """One rendered simulation and its actions [T, 2] (frame f's push, applied before it)."""
+    clip: pw.PhysicsClip
+    actions: np.ndarray
+
+
+def draw_actions(rng: np.random.Generator, num_frames: int, push_speed: float,
+                 push_prob: float) -> np.ndarray:
+    """[T, 2] pushes: zero at frame 0, else speed `push_speed` with probability `push_prob`."""
+    angle = rng.uniform(0, 2 * np.pi, num_frames)
+    on = rng.uniform(size=num_frames) < push_prob
+    on[0] = False
+    return (push_speed * on[:, None] * np.stack([np.cos(angle), np.sin(angle)], -1))
+
+
+def simulate_pushes(positions, velocities, radii, actions_BT2, config: pw.WorldConfig):
+    """Balls [B, n, 2] under per-frame pushes on ball 0 -> positions, velocities [B, T, n, 2]."""
+    pos, vel = np.array(positions, np.float64), np.array(velocities, np.float64)
+    out_pos, out_vel = [pos], [vel]
+    for f in range(1, actions_BT2.shape[1]):
+        vel = vel.copy()
+        vel[:, 0] += actions_BT2[:, f]
+        p, v = pw.simulate_balls(pos, vel, radii, 2, config)
+        pos, vel = p[:, 1], v[:, 1]
+        out_pos.append(pos)
+        out_vel.append(vel)
+    return np.stack(out_pos, 1), np.stack(out_vel, 1)
+
+
+def make_dataset(num_videos: int, num_frames: int, size: int, seed: int = 0,
+                 split: str = "train", config: pw.WorldConfig | None = None,
+                 push_speed: float = 1.0, push_prob: float = 0.5) -> list[PushClip]:
+    """`num_videos` pushed-ball videos `[num_frames, size, size, 3]` uint8 with their actions;
+    deterministic in the arguments (per-video seeds as `physics_world.video_seed`)."""
+    config = dataclasses.replace(config or pw.WorldConfig(), size=size, scenarios=("balls",))
+    groups: dict[int, list] = {}
+    for index in range(num_videos):
+        s = pw.video_seed(seed, split, index)
+        rng = np.random.default_rng(s)
+        positions, velocities, radii = pw.sample_balls(rng, config)
+        colors = pw.palette(rng, len(radii))
+        actions = draw_actions(rng, num_frames, push_speed, push_prob)
+        groups.setdefault(len(radii), []).append((index, s, positions, velocities, radii, colors,
+                                                  actions))
+    out = {}
+    for members in groups.values():
+        pos0, vel0, radii, colors, actions = (np.stack([m[k] for m in members])
+                                              for k in (2, 3, 4, 5, 6))
+        pos, vel = simulate_pushes(pos0, vel0, radii, actions, config)
+        frames = pw.render(pos, radii, colors, config)
+        for b, (index, s, *_) in enumerate(members):
+            clip = pw.PhysicsClip(
+                name=f"{split}-{index:05d}-push", scenario="balls", seed=s, take=0,
+                fps=config.fps, frames=frames[b], positions=pos[b], velocities=vel[b],
+                radii=radii[b], masses=radii[b] ** 2,
+                params={"gravity": config.gravity, "push_speed": push_speed,
+                        "push_prob": push_prob}, colors=colors[b])
+            out[index] = PushClip(clip, actions[b].astype(np.float32))
+    return [out[i] for i in sorted(out)]

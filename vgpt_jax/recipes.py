@@ -1,0 +1,202 @@
+"""Generation recipes on the embedded physics world, no downloads:
+
+    vgpt recipe class_to_video    --workdir runs/class      # ball count (1-3) -> a video
+    vgpt recipe action_prediction --workdir runs/action     # frames + pushes -> next frames
+    vgpt recipe image_animation   --workdir runs/animate    # one frame -> a video
+
+Each recipe simulates its world, ingests it into a latent store (conditions in each record's
+`extra`: `class_id`, per-frame `actions`), trains (`train.train`; `init_from` fine-tunes an
+export instead, e.g. the demo's `runs/demo/model`), and measures what its conditions do:
+- class_to_video: videos sampled from nothing per class (condition guidance `guidance_c`),
+  their ball count read off the decoded frames (bright connected blobs in frame 0); class
+  accuracy against chance (a third), and the counter's own accuracy on true videos;
+- action_prediction: held-out pushed videos continued frame by frame from `context_frames`
+  frames, given their true actions or another video's (shuffled); latent MSE of each, and of
+  copying the last frame. A model that uses its actions is better with the true ones;
+- image_animation: one frame in, `predict_frames` out (clip mode "first_frame": the first
+  frame is the context of one clip); latent MSE against copying the frame.
+
+`recipe_config(name, size)` holds the embedded defaults (`configs/<name>.py` returns them);
+the model, optimiser and latent space are the demo's (`demo.demo_config`). `size="quick"` is the
+end-to-end size the tests run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import ml_collections
+import numpy as np
+
+RECIPES = ("class_to_video", "action_prediction", "image_animation")
+
+
+def recipe_config(name: str, size: str = "default") -> ml_collections.ConfigDict:
+    """The embedded defaults of recipe `name` ("default" or "quick")."""
+    from vgpt_jax.demo import demo_config
+    if name not in RECIPES:
+        raise ValueError(f"recipe {name!r}: one of {RECIPES}")
+    if size not in ("default", "quick"):
+        raise ValueError(f"recipe size {size!r}: 'default' or 'quick'")
+    cfg = demo_config(size)
+    cfg.recipe = name
+    w = cfg.world
+    w.num_train_videos = 512 if size == "default" else 8
+    w.num_test_videos = 16 if size == "default" else 2
+    w.min_balls = 1
+    cfg.checkpoint.init_from = ""
+    cfg.train.steps = 600 if size == "default" else 2
+    cfg.optim.warmup_steps = 50 if size == "default" else 1
+    quick = size == "quick"
+    if quick:  # the tests' end-to-end size: 4-frame windows, two Euler steps
+        w.num_frames, cfg.data.num_frames = 6, 4
+    cfg.eval = ml_collections.ConfigDict(dict(
+        context_frames=2, predict_frames=2 if quick else 4, steps=1 if quick else 20,
+        guidance=1.0, guidance_c=1.0, samples_per_class=1 if quick else 8, seed=0))
+    cc = dict(num_classes=0, action_dim=0, dropout=0.1)
+    if name == "class_to_video":
+        w.max_balls = 3
+        cc["num_classes"] = 3          # class k: k + 1 balls
+        cfg.eval.guidance_c = 2.0
+    elif name == "action_prediction":
+        from vgpt_jax.data.action_world import ACTION_DIM
+        w.max_balls = 2
+        w.push_speed, w.push_prob = 1.0, 0.5
+        cc["action_dim"] = ACTION_DIM
+        cc["dropout"] = 0.0             # no action guidance: the actions are always given
+    else:
+        w.max_balls = 2
+        cfg.data.clip_mode = "first_frame"
+        cfg.eval.context_frames, cfg.eval.predict_frames = 1, cfg.data.num_frames - 1
+    cfg.model.conditions = cc
+    from vgpt_jax.vae.latent_space import make_latent_space
+    cfg.model.latent_channels = make_latent_space(cfg.latent_space.to_dict()).channels
+    return cfg
+
+
+def _world(cfg, split: str, count: int):
+    """(clips, extras): the recipe's videos and each one's conditions."""
+    from vgpt_jax.data import action_world
+    from vgpt_jax.data import physics_world as pw
+    w = cfg.world
+    world = pw.WorldConfig(size=w.frame_size, fps=w.fps, scenarios=("balls",),
+                           min_balls=w.min_balls, max_balls=w.max_balls,
+                           min_radius=w.min_radius, max_radius=w.max_radius)
+    if cfg.recipe == "action_prediction":
+        pushed = action_world.make_dataset(count, w.num_frames, w.frame_size, w.seed, split,
+                                           world, w.push_speed, w.push_prob)
+        return [p.clip for p in pushed], [{"actions": p.actions.tolist()} for p in pushed]
+    clips = pw.make_dataset(count, w.num_frames, w.frame_size, w.seed, split, config=world,
+                            num_takes=1)
+    if cfg.recipe == "class_to_video":
+        return clips, [{"class_id": len(c.radii) - 1} for c in clips]
+    return clips, [{} for _ in clips]
+
+
+def count_balls(frames_NHW3: np.ndarray, background) -> np.ndarray:
+    """Bright connected blobs per frame [N] (a ball-count reader for decoded samples)."""
+    from scipy import ndimage
+    lit = np.abs(frames_NHW3.astype(np.float32) - np.asarray(background)).max(-1) > 60
+    return np.asarray([ndimage.label(f)[1] for f in lit])
+
+
+def _mse(a, b) -> float:
+    return float(np.mean((np.asarray(a) - np.asarray(b)) ** 2))
+
+
+def evaluate(cfg, model, space, test_latents, extras, test_frames) -> dict:
+    """The recipe's measurements (module docstring) on held-out latents [N, F, h, w, C]."""
+    from vgpt_jax import sampling
+    from vgpt_jax.data.physics_world import WorldConfig
+    e = cfg.eval
+    sampler = sampling.SamplerConfig(steps=int(e.steps), guidance=float(e.guidance),
+                                     window=int(cfg.data.num_frames),
+                                     condition_guidance=float(e.guidance_c))
+    n = len(test_latents)
+    seeds = list(range(n))
+    if cfg.recipe == "class_to_video":
+        classes = int(cfg.model.conditions.num_classes)
+        per = int(e.samples_per_class)
+        wanted = np.repeat(np.arange(classes), per)
+        hw = test_latents.shape[2:4]
+        frames = int(e.predict_frames)
+        background = WorldConfig().background
+
+        def accuracy(class_id):
+            out = sampling.sample_video(model, (frames,), sampler, list(range(len(wanted))),
+                                        latent_hw=hw, class_id=class_id)
+            first = np.stack([space.decode(v[:1])[0] for v in out])
+            return float(np.mean(count_balls(first, background) == wanted + 1))
+
+        truth = np.asarray([x["class_id"] for x in extras])
+        counted = count_balls(np.stack([f[0] for f in test_frames]), background)
+        return {"class_accuracy": accuracy(wanted), "unconditional_accuracy": accuracy(None),
+                "chance": 1.0 / classes, "counter_accuracy_on_true_videos":
+                float(np.mean(counted == truth + 1)), "samples": int(len(wanted))}
+    c, p = int(e.context_frames), int(e.predict_frames)
+    context, truth = test_latents[:, :c], test_latents[:, c:c + p]
+    copy = _mse(np.repeat(context[:, -1:], p, axis=1), truth)
+    if cfg.recipe == "image_animation":
+        pred = sampling.sample_video(model, (p,), sampler, seeds, context_BFhwc=context)
+        return {"mse": _mse(pred, truth), "copy_frame_mse": copy, "videos": n}
+    actions = np.asarray([x["actions"] for x in extras], np.float32)[:, :c + p]
+    shuffled = actions.copy()
+    shuffled[:, c:] = actions[np.roll(np.arange(n), 1), c:]
+    run = lambda acts: sampling.sample_video(model, (1,) * p, sampler, seeds,
+                                             context_BFhwc=context, actions=acts)
+    return {"mse_true_actions": _mse(run(actions), truth),
+            "mse_shuffled_actions": _mse(run(shuffled), truth), "copy_last_mse": copy,
+            "videos": n}
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Simulate, ingest, train (or fine-tune), measure; writes `workdir/report.json`."""
+    from vgpt_jax import checkpoint, train
+    from vgpt_jax.data.ingest import ingest_arrays
+    from vgpt_jax.vae.latent_space import make_latent_space, with_normalization
+
+    t0 = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    train_clips, train_extra = _world(cfg, "train", int(cfg.world.num_train_videos))
+    test_clips, test_extra = _world(cfg, "test", int(cfg.world.num_test_videos))
+    space = make_latent_space(cfg.latent_space.to_dict())
+    store_dir = os.path.join(workdir, "latents")
+    if not os.path.exists(os.path.join(store_dir, "manifest.json")):
+        ingest_arrays(((c.frames, c.fps, c.name, x) for c, x in zip(train_clips, train_extra)),
+                      store_dir, latent_space=space, num_shards=1, overwrite=True,
+                      normalize=cfg.normalize)
+    cfg.data.store = store_dir
+    train_dir = os.path.join(workdir, "train")
+    result = train.train(cfg, train_dir)
+    model, _ = checkpoint.load_model(train_dir)
+    checkpoint.export_model(os.path.join(workdir, "model"), model, cfg)
+    from vgpt_jax.data.store import LatentStore
+    space = with_normalization(space, LatentStore(store_dir).normalization)
+    test_latents = np.stack([space.encode(c.frames) for c in test_clips]).astype(np.float32)
+    report = {"recipe": cfg.recipe, "steps": result.step,
+              "final_loss": result.metrics.get("loss"),
+              **evaluate(cfg, model, space, test_latents, test_extra,
+                         [c.frames for c in test_clips])}
+    report["seconds"] = time.perf_counter() - t0
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="vgpt recipe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", choices=RECIPES)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--size", default="default", choices=("default", "quick"))
+    p.add_argument("--steps", type=int, default=0, help="training steps (0: the recipe's)")
+    p.add_argument("--init-from", default="", help="a model export to fine-tune")
+    args = p.parse_args(argv)
+    cfg = recipe_config(args.recipe, args.size)
+    if args.steps:
+        cfg.train.steps = args.steps
+    cfg.checkpoint.init_from = args.init_from
+    print(json.dumps(run(cfg, args.workdir), indent=2))
+    return 0
