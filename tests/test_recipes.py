@@ -45,7 +45,9 @@ def test_recipe_runs_end_to_end(name, tmp_path):
     report = recipes.run(recipes.recipe_config(name, "quick"), str(tmp_path))
     assert report["steps"] == 2 and np.isfinite(report["final_loss"])
     keys = {"class_to_video": ("class_accuracy", "unconditional_accuracy"),
-            "action_prediction": ("mse_true_actions", "mse_shuffled_actions", "copy_last_mse"),
+            "action_prediction": ("mse_true_actions", "mse_shuffled_actions", "copy_last_mse",
+                                  "denoising_error_true_actions",
+                                  "denoising_error_shuffled_actions"),
             "image_animation": ("mse", "copy_frame_mse")}[name]
     assert all(np.isfinite(report[k]) for k in keys)
     assert (tmp_path / "report.json").exists() and (tmp_path / "model" / "config.json").exists()

@@ -12,7 +12,9 @@ export instead, e.g. the demo's `runs/demo/model`), and measures what its condit
   accuracy against chance (a third), and the counter's own accuracy on true videos;
 - action_prediction: held-out pushed videos continued frame by frame from `context_frames`
   frames, given their true actions or another video's (shuffled); latent MSE of each, and of
-  copying the last frame. A model that uses its actions is better with the true ones;
+  copying the last frame, and the one-step x1 error at t = 0.5 of each predicted frame (one
+  frame per clip, the same noise draws for both). A model that uses its actions is better with
+  the true ones;
 - image_animation: one frame in, `predict_frames` out (clip mode "first_frame": the first
   frame is the context of one clip); latent MSE against copying the frame.
 
@@ -147,7 +149,21 @@ def evaluate(cfg, model, space, test_latents, extras, test_frames) -> dict:
                                              context_BFhwc=context, actions=acts)
     return {"mse_true_actions": _mse(run(actions), truth),
             "mse_shuffled_actions": _mse(run(shuffled), truth), "copy_last_mse": copy,
+            **{f"denoising_error_{k}": _denoising_error(model, test_latents[:, :c + p], acts, c)
+               for k, acts in (("true_actions", actions), ("shuffled_actions", shuffled))},
             "videos": n}
+
+
+def _denoising_error(model, latents_BFhwc, actions_BFA, context: int, t: float = 0.5) -> float:
+    """The x1 error of the frames after `context`, one frame per clip, each noised to level t
+    (the loss at a fixed t; fixed noise draws, so true and shuffled actions see the same)."""
+    import jax
+    from vgpt_jax import diffusion
+    b, f = latents_BFhwc.shape[:2]
+    clip_ids = np.broadcast_to(np.arange(f, dtype=np.int32), (b, f))
+    err = jax.jit(lambda m, x, a: diffusion.denoising_error(
+        m, x, clip_ids, t, jax.random.key(0), actions=a))(model, latents_BFhwc, actions_BFA)
+    return float(np.mean(np.asarray(err)[:, context:]))
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
