@@ -67,9 +67,13 @@ def ingest_distributed(input_dir: str, output: str, latent_space="space_to_depth
     # Also the barrier before the merge: every process has written its shards.
     resumed, processed = multihost_utils.process_allgather(done).reshape(-1, 2).sum(0)
     counts = {"resumed": int(resumed), "processed": int(processed)}
+    summary = ingest_shard.merge_shards(job) if index == 0 else None
+    # Every process leaves together, once the store is complete: a process that exits while
+    # process 0 still merges waits in jax.distributed's shutdown barrier, which failed the job
+    # (SIGABRT, "Shutdown barrier has failed") on a loaded machine.
+    multihost_utils.sync_global_devices("vgpt-ingest: merged")
     if index != 0:
         return counts
-    summary = ingest_shard.merge_shards(job)
     summary.update(counts, seconds=round(time.time() - started, 3), processes=count)
     print(format_summary(summary), file=sys.stderr)
     return summary
