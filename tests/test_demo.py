@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from vgpt_jax import demo, evaluate
+from vgpt_jax import demo
+from vgpt_jax.commands import evaluate as eval_command
 from vgpt_jax.data.video_io import read_video
 from vgpt_jax.pipeline import Pipeline
 
@@ -49,7 +50,7 @@ def test_demo_checkpoint_reloads_for_sampling(demo_run):
 def test_eval_command_scores_a_checkpoint(demo_run, tmp_path):
     workdir, _ = demo_run
     out = str(tmp_path / "report")
-    evaluate.main(["--checkpoint", os.path.join(workdir, "model"), "--physics", "2",
+    eval_command.main(["--checkpoint", os.path.join(workdir, "model"), "--physics", "2",
                    "--out", out, "--context-frames", "3", "--predict-frames", "2",
                    "--steps", "2", "--max-grids", "0"])
     report = json.load(open(os.path.join(out, "report.json")))
@@ -61,12 +62,12 @@ def test_eval_command_rejects_bad_input(demo_run, tmp_path):
     workdir, _ = demo_run
     model = os.path.join(workdir, "model")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        evaluate.main(["--checkpoint", str(tmp_path / "nope"), "--physics", "1", "--out",
+        eval_command.main(["--checkpoint", str(tmp_path / "nope"), "--physics", "1", "--out",
                        str(tmp_path / "r")])
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="has no videos"):
-        evaluate.main(["--checkpoint", model, "--videos", str(empty), "--out", str(tmp_path / "r")])
+        eval_command.main(["--checkpoint", model, "--videos", str(empty), "--out", str(tmp_path / "r")])
     from vgpt_jax.data.video_io import write_video
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -74,10 +75,10 @@ def test_eval_command_rejects_bad_input(demo_run, tmp_path):
     write_video(str(mixed / "a.gif"), rng.integers(0, 255, (8, 32, 32, 3), np.uint8), 8)
     write_video(str(mixed / "b.gif"), rng.integers(0, 255, (8, 16, 16, 3), np.uint8), 8)
     with pytest.raises(ValueError, match="differs from"):
-        evaluate.main(["--checkpoint", model, "--videos", str(mixed), "--out", str(tmp_path / "r")])
+        eval_command.main(["--checkpoint", model, "--videos", str(mixed), "--out", str(tmp_path / "r")])
     write_video(str(mixed / "b.gif"), rng.integers(0, 255, (5, 32, 32, 3), np.uint8), 8)
     with pytest.raises(ValueError, match="are needed"):
-        evaluate.main(["--checkpoint", model, "--videos", str(mixed), "--out", str(tmp_path / "r")])
+        eval_command.main(["--checkpoint", model, "--videos", str(mixed), "--out", str(tmp_path / "r")])
 
 
 def test_sample_command_defaults_to_the_trained_resolution(demo_run, tmp_path, capsys):

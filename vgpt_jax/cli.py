@@ -28,13 +28,13 @@ import os
 import sys
 
 COMMANDS = {
-    "demo": "vgpt_jax.demo",
+    "demo": "vgpt_jax.commands.demo",
     "make-physics": "vgpt_jax.commands.make_physics_videos",
     "prepare": "vgpt_jax.commands.prepare_latents",
     "train-vae": "vgpt_jax.commands.train_vae",
     "train": "vgpt_jax.commands.train",
     "sample": "vgpt_jax.commands.sample",
-    "eval": "vgpt_jax.evaluate",
+    "eval": "vgpt_jax.commands.evaluate",
     "convert-official": "vgpt_jax.commands.convert_official",
     "plan": "vgpt_jax.commands.plan_tpu",
     "physics-iq": "vgpt_jax.commands.physics_iq",

@@ -229,18 +229,3 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     _stage(f"done; report in {eval_dir}/report.md, model in {model_dir}", t0)
     print(evaluate.markdown_report(report))
     return report
-
-
-def main(argv=None) -> int:
-    import argparse
-    p = argparse.ArgumentParser(prog="vgpt demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--size", default="default", choices=("default", "long", "quick"))
-    p.add_argument("--steps", type=int, default=0, help="training steps (0: the config's)")
-    args = p.parse_args(argv)
-    cfg = demo_config(args.size)
-    if args.steps:
-        cfg.train.steps = args.steps
-    run(cfg, args.workdir)
-    return 0
