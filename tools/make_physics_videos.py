@@ -1,4 +1,4 @@
-"""Render physics-world clips to a folder of videos (mp4 or gif), plus their states as .npz. (`python tools/make_physics_videos.py --help`; the same as `vgpt make-physics-videos`)."""
+"""Render physics-world clips to a folder of videos (mp4 or gif), plus their states as .npz. (`python tools/make_physics_videos.py --help`; the same as `vgpt make-physics`)."""
 import os
 import sys
 

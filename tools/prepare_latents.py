@@ -1,4 +1,4 @@
-"""Encode a folder of videos into a sharded latent store. (`python tools/prepare_latents.py --help`; the same as `vgpt prepare-latents`)."""
+"""Encode a folder of videos into a sharded latent store. (`python tools/prepare_latents.py --help`; the same as `vgpt prepare`)."""
 import os
 import sys
 
