@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from vgpt_jax import demo
+from vgpt_jax import demo, evaluate
+from vgpt_jax.data.physics_world import make_world
 from vgpt_jax.commands import evaluate as eval_command
 from vgpt_jax.data.video_io import read_video
 from vgpt_jax.pipeline import Pipeline
@@ -42,7 +43,7 @@ def test_demo_checkpoint_reloads_for_sampling(demo_run):
     pipe = Pipeline.from_checkpoint(os.path.join(workdir, "model"))
     assert pipe.latent_space is not None, "the export carries its latent space"
     cfg = demo.demo_config("quick")
-    context = demo.held_out(demo.make_world(cfg)[1])[0].frames[:3]
+    context = evaluate.held_out_videos(make_world(cfg.world)[1])[0].frames[:3]
     out = pipe.predict(context, num_frames=2, steps=2)
     assert out.frames.shape == (2,) + context.shape[1:] and out.frames.dtype == np.uint8
 

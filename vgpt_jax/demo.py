@@ -22,18 +22,18 @@ from __future__ import annotations
 import os
 import time
 
+import dataclasses
+
 import ml_collections
-import numpy as np
 
 from vgpt_jax.config import get_train_config
+from vgpt_jax.data.physics_world import WorldSpec
 
 
 def demo_config(size: str = "default") -> ml_collections.ConfigDict:
     """The demo's settings. `size="quick"` is the reduced run the test suite uses."""
     cfg = get_train_config("small")
-    cfg.world = ml_collections.ConfigDict(dict(
-        num_train_videos=2048, num_test_videos=16, num_frames=16, frame_size=32, fps=32.0,
-        scenarios=("balls",), max_balls=2, min_radius=0.06, max_radius=0.12, seed=0))
+    cfg.world = ml_collections.ConfigDict(dataclasses.asdict(WorldSpec()))
     cfg.latent_space = ml_collections.ConfigDict(dict(kind="space_to_depth", downsample=4))
     # Raw space-to-depth latents of the dark world have mean -0.77, std 0.23: measured
     # normalisation at ingestion (data.ingest.ingest_arrays) makes them zero-mean, unit-scale.
@@ -104,37 +104,6 @@ def _stage(message: str, t0: float) -> None:
     print(f"[{time.perf_counter() - t0:7.1f}s] {message}", flush=True)
 
 
-def make_world(cfg):
-    from vgpt_jax.data import physics_world
-    w = cfg.world
-    world = physics_world.WorldConfig(size=w.frame_size, fps=w.fps, scenarios=tuple(w.scenarios),
-                                      max_balls=w.max_balls, min_radius=w.min_radius,
-                                      max_radius=w.max_radius)
-    train = physics_world.make_dataset(w.num_train_videos, w.num_frames, w.frame_size, w.seed,
-                                       "train", config=world)
-    test = physics_world.make_dataset(w.num_test_videos, w.num_frames, w.frame_size, w.seed,
-                                      "test", config=world, num_takes=2)
-    return train, test
-
-
-def held_out(test_clips, background=None):
-    """Two-take test clips -> `HeldOutVideo`s with their true balls (take 0 is the truth)."""
-    from vgpt_jax.data.physics_world import WorldConfig
-    from vgpt_jax.eval.balls import Balls
-    from vgpt_jax.evaluate import HeldOutVideo
-    background = np.asarray(WorldConfig().background if background is None else background)
-    takes = {}
-    for clip in test_clips:
-        takes.setdefault(clip.name.rsplit("-take", 1)[0], {})[clip.take] = clip
-    videos = []
-    for name, t in sorted(takes.items()):
-        truth = t[0]
-        balls = Balls(truth.pixel_positions(), truth.radii * truth.frames.shape[1], truth.colors,
-                      background) if truth.scenario == "balls" else None
-        videos.append(HeldOutVideo(name, truth.frames, t[1].frames, truth.fps, balls))
-    return videos
-
-
 def plot_learning_curve(metrics_jsonl: str, png: str) -> None:
     """Training loss against step, from the run's metrics.jsonl, as a PNG."""
     import json
@@ -173,6 +142,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run the whole job in `workdir` (resumes training if a checkpoint is there)."""
     from vgpt_jax import checkpoint, evaluate, train
     from vgpt_jax.data.ingest import ingest_arrays
+    from vgpt_jax.data.physics_world import make_world
     from vgpt_jax.pipeline import Pipeline
     from vgpt_jax.vae.latent_space import make_latent_space
 
@@ -180,7 +150,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     _stage(f"simulating the physics world: {cfg.world.num_train_videos} training videos, "
            f"{cfg.world.num_test_videos} test scenarios x 2 takes", t0)
-    train_clips, test_clips = make_world(cfg)
+    train_clips, test_clips = make_world(cfg.world)
 
     store_dir = os.path.join(workdir, "latents")
     _stage(f"encoding latents ({cfg.latent_space.kind}) into {store_dir}", t0)
@@ -203,7 +173,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoint.export_model(model_dir, pipeline.model, cfg)
 
     e = cfg.eval
-    videos = held_out(test_clips)
+    videos = evaluate.held_out_videos(test_clips)
     _stage(f"predicting {len(videos)} held-out videos: {e.context_frames} context frames -> "
            f"{e.predict_frames} new, {e.steps} steps, guidance {e.guidance}", t0)
     options = dict(window=e.window or cfg.data.num_frames, context_noise=e.context_noise)

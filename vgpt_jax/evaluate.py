@@ -38,6 +38,23 @@ class HeldOutVideo:
     balls: balls_lib.Balls | None = None   # the true balls of `frames` (physics world)
 
 
+def held_out_videos(test_clips, background=None) -> list[HeldOutVideo]:
+    """Two-take physics-world test clips (`data.physics_world.make_world`) -> `HeldOutVideo`s
+    with their true balls (take 0 is the truth, take 1 the physical variance)."""
+    from vgpt_jax.data.physics_world import WorldConfig
+    background = np.asarray(WorldConfig().background if background is None else background)
+    takes = {}
+    for clip in test_clips:
+        takes.setdefault(clip.name.rsplit("-take", 1)[0], {})[clip.take] = clip
+    videos = []
+    for name, t in sorted(takes.items()):
+        truth = t[0]
+        balls = balls_lib.Balls(truth.pixel_positions(), truth.radii * truth.frames.shape[1],
+                                truth.colors, background) if truth.scenario == "balls" else None
+        videos.append(HeldOutVideo(name, truth.frames, t[1].frames, truth.fps, balls))
+    return videos
+
+
 def copy_last_frame(context_FHW3: np.ndarray, n: int) -> np.ndarray:
     return np.repeat(context_FHW3[-1:], n, axis=0)
 

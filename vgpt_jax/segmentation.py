@@ -33,22 +33,7 @@ import ml_collections
 import numpy as np
 
 from vgpt_jax.data import segmentation_masks as masks_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class WorldSpec:
-    """The physics world the pairs come from (`demo.make_world` reads these fields); defaults are
-    the demo's world, which the demo model was pretrained on."""
-    num_train_videos: int = 512
-    num_test_videos: int = 32
-    num_frames: int = 16
-    frame_size: int = 32
-    fps: float = 32.0
-    scenarios: tuple[str, ...] = ("balls",)
-    max_balls: int = 2
-    min_radius: float = 0.06
-    max_radius: float = 0.12
-    seed: int = 0
+from vgpt_jax.data.physics_world import WorldConfig, WorldSpec, make_world
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +41,7 @@ class SegmentationConfig:
     init_from: str = "runs/demo/model"   # model export: the weights and the architecture
     from_scratch: bool = False           # same architecture, random initialisation
     source_frames: int = 4               # F: frames per source clip (and per mask clip)
-    world: WorldSpec = WorldSpec()
+    world: WorldSpec = WorldSpec(num_train_videos=512, num_test_videos=32)
     eval_starts: tuple[int, ...] = (0, 6, 12)  # first frame of each scored window per test video
     steps: int = 300
     batch_size: int = 16
@@ -265,8 +250,6 @@ def run(cfg: SegmentationConfig, workdir: str) -> dict:
     baseline, write `workdir/{model/, metrics.jsonl, report.json, masks.png}`; returns the
     report."""
     from vgpt_jax import checkpoint
-    from vgpt_jax.data.physics_world import WorldConfig
-    from vgpt_jax.demo import make_world
     from vgpt_jax.pipeline import Pipeline
 
     os.makedirs(workdir, exist_ok=True)
@@ -274,7 +257,7 @@ def run(cfg: SegmentationConfig, workdir: str) -> dict:
     if pretrained.latent_space is None:
         raise ValueError(f"init_from {cfg.init_from!r}: its config names no latent space, and "
                          "masks are rendered as pixels")
-    train_clips, test_clips = make_world(cfg)
+    train_clips, test_clips = make_world(cfg.world)
     test_clips = [c for c in test_clips if c.take == 0]  # the second takes are near-copies
     train_videos = paired_videos(train_clips, pretrained.latent_space, cfg)
     test_videos = paired_videos(test_clips, pretrained.latent_space, cfg)

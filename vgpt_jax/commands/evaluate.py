@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from vgpt_jax import demo
+    from vgpt_jax.data.physics_world import make_world
     from vgpt_jax.pipeline import Pipeline
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         if pipeline.config is not None and "world" in pipeline.config:
             cfg.world.update(pipeline.config.world)
         cfg.world.num_test_videos, cfg.world.num_frames = args.physics, total
-        videos = demo.held_out(demo.make_world(cfg)[1])
+        videos = evaluate.held_out_videos(make_world(cfg.world)[1])
     report, predictions = evaluate.evaluate(
         pipeline, videos, context_frames=args.context_frames, predict_frames=args.predict_frames,
         clip_frames=args.clip_frames or None, steps=args.steps, guidance=args.guidance,

@@ -373,3 +373,32 @@ def pendulum_energy(states, lengths, masses, gravity) -> np.ndarray:
                + 0.5 * m2 * ((l1 * w1) ** 2 + (l2 * w2) ** 2 + 2 * l1 * l2 * w1 * w2 * np.cos(t1 - t2)))
     potential = -(m1 + m2) * gravity * l1 * np.cos(t1) - m2 * gravity * l2 * np.cos(t2)
     return kinetic + potential
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldSpec:
+    """A physics world and its split sizes, as `make_world` builds them; the defaults are the
+    main job's world (`vgpt demo`), which its model is trained on."""
+    num_train_videos: int = 2048
+    num_test_videos: int = 16
+    num_frames: int = 16
+    frame_size: int = 32
+    fps: float = 32.0
+    scenarios: tuple[str, ...] = ("balls",)
+    max_balls: int = 2
+    min_radius: float = 0.06
+    max_radius: float = 0.12
+    seed: int = 0
+
+
+def make_world(spec) -> tuple[list[PhysicsClip], list[PhysicsClip]]:
+    """(training clips, test clips in two takes) of `spec`: a `WorldSpec` or any object with
+    its fields as attributes (the demo's `cfg.world` ConfigDict)."""
+    world = WorldConfig(size=spec.frame_size, fps=spec.fps, scenarios=tuple(spec.scenarios),
+                        max_balls=spec.max_balls, min_radius=spec.min_radius,
+                        max_radius=spec.max_radius)
+    train = make_dataset(spec.num_train_videos, spec.num_frames, spec.frame_size, spec.seed,
+                         "train", config=world)
+    test = make_dataset(spec.num_test_videos, spec.num_frames, spec.frame_size, spec.seed,
+                        "test", config=world, num_takes=2)
+    return train, test
