@@ -78,32 +78,21 @@ SCENES = ("trimmed-slide", "trimmed-roll")
 
 
 def build_release(root, fps=FPS, scenes=SCENES, masks=True, size=(H, W)):
-    """A release-layout folder: `scenes` x 3 views x 2 takes, 3 s conditioning + 5 s testing.
-
-    Ids as in the release: take-1 ids 0001.. in scene-major, view-minor order, take 2 = id + 198.
+    """A release-layout folder (`piq.write_release`): `scenes` x 3 views x 2 takes, 3 s
+    conditioning + 5 s testing, with the real takes' masks made as the release makes them.
     Returns {(scene, view): {'take-1': id, 'take-2': id}}.
     """
-    testing = os.path.join(root, "split-videos", "testing", f"{fps}FPS")
-    conditioning = os.path.join(root, "split-videos", "conditioning", f"{fps}FPS")
-    mask_dir = os.path.join(root, "video-masks", "real", f"{fps}FPS")
-    for folder in (testing, conditioning) + ((mask_dir,) if masks else ()):
-        os.makedirs(folder, exist_ok=True)
-    ids, take1_id = {}, 1
-    for s, scene in enumerate(scenes):
-        for v, view in enumerate(piq.VIEWS):
-            ids[(scene, view)] = {"take-1": f"{take1_id:04d}", "take-2": f"{take1_id + 198:04d}"}
-            for take in (1, 2):
-                file_id = ids[(scene, view)][f"take-{take}"]
-                full = _scene_video(3 * s + v, take, (3 + piq.SECONDS) * fps, *size)
-                name = f"{fps}FPS_{view}_take-{take}_{scene}.mp4"
-                test_path = os.path.join(testing, f"{file_id}_testing-videos_{name}")
-                _write_h264(test_path, full[3 * fps:], fps)
-                if take == 1:
-                    _write_h264(os.path.join(conditioning, f"{file_id}_conditioning-videos_{name}"),
-                                full[:3 * fps], fps)
-                if masks:
-                    _official_mask_video(test_path, os.path.join(mask_dir, f"{file_id}_video-masks_{name}"))
-            take1_id += 1
+    takes = {scene: [tuple(_scene_video(3 * s + v, take, (3 + piq.SECONDS) * fps, *size)
+                           for take in (1, 2)) for v in range(len(piq.VIEWS))]
+             for s, scene in enumerate(scenes)}
+    ids = piq.write_release(root, takes, fps, write=_write_h264)
+    if masks:
+        mask_dir = os.path.join(root, "video-masks", "real", f"{fps}FPS")
+        os.makedirs(mask_dir)
+        for (scene, view), take_ids in ids.items():
+            for take, file_id in take_ids.items():
+                _official_mask_video(_testing_path(root, ids, scene, view, take, fps), os.path.join(
+                    mask_dir, f"{file_id}_video-masks_{fps}FPS_{view}_{take}_{scene}.mp4"))
     return ids
 
 
@@ -482,3 +471,39 @@ def test_generate_batched_on_a_mesh_and_spread_over_processes(release, tmp_path)
             assert diff.mean() < 1.0, (run, name, diff.mean())
     scores = lambda run: json.load(open(tmp_path / run / "summary.json"))["runs"][0]
     assert scores("pair")["original"] == pytest.approx(scores("one")["original"], abs=0.5)
+
+
+def test_make_physics_writes_a_release_the_scorer_reads(tmp_path, capsys):
+    """`vgpt make-physics --release-fps`: the world's two takes, 3 scenarios per scene's views,
+    parsed back by the generate command and scored: take 2 is the ceiling."""
+    from vgpt_jax import cli
+    from vgpt_jax.commands.physics_iq_generate import conditioning_videos
+
+    root = str(tmp_path / "release")
+    assert cli.main(["make-physics", "--out", root, "--num-videos", "3", "--size", "32",
+                     "--fps", "32", "--split", "test", "--release-fps", "1"]) == 0
+    videos = conditioning_videos(root, 1)
+    assert [name for _, name in videos] == [f"000{i + 1}_{view}_world-000.mp4"
+                                            for i, view in enumerate(piq.VIEWS)]
+    assert len(list(piq.read_frames(videos[0][0]))) == 3
+    testing = piq.split_dir(root, "testing", 1)
+    generated = str(tmp_path / "take2")
+    os.makedirs(generated)
+    for (scene, view), ids in piq.release_takes(testing, 1).items():
+        shutil.copy(os.path.join(testing, f"{ids['take-2']}_testing-videos_1FPS_{view}_take-2_{scene}.mp4"),
+                    os.path.join(generated, f"{ids['take-1']}_{view}_{scene}.mp4"))
+    result = piq.score_release(root, generated)
+    assert (result["fps"], result["num_samples"], result["original"]) == (1, 3, 100.0)
+    # The copy-last floor through `physics-iq generate`: the last conditioning frame, held still.
+    out = str(tmp_path / "copy-last")
+    assert cli.main(["physics-iq", "generate", "--checkpoint", _physics_export(tmp_path),
+                     "--release", root, "--out", out, "--fps", "1", "--seeds", "1",
+                     "--max-image-size", "32", "--baseline", "copy-last", "--no-progress"]) == 0
+    held = np.stack(list(piq.read_frames(os.path.join(out, "seed-0", videos[0][1]))))
+    last = list(piq.read_frames(videos[0][0]))[-1]
+    assert held.shape == (piq.SECONDS, 32, 32, 3) and (held == held[0]).all()
+    assert np.abs(held[0].astype(int) - last).mean() < 4  # two lossy H.264 trips, two decoders
+    assert json.load(open(os.path.join(out, "summary.json")))["runs"][0]["original"] < 100
+    assert cli.main(["make-physics", "--out", str(tmp_path / "bad"), "--num-videos", "2",
+                     "--split", "test", "--release-fps", "1"]) == 1
+    assert "a multiple of 3" in capsys.readouterr().err

@@ -8,6 +8,8 @@ predicts the next fps * 5 frames. Predictions are written as `{out}/seed-{k}/{id
 resumes where it stopped. Every seed folder is then scored like `vgpt eval physics-iq`
 (`{out}/reports/seed-{k}/`), and `{out}/summary.{json,md}` holds one row per seed and the
 mean +- std (sample std, as the official aggregate_runs_from_csvs.py) of the unrounded scores.
+`--baseline copy-last` writes the last conditioning frame held still instead of sampling (the
+floor, read and written exactly as the model's predictions are).
 
 `--batch-size` videos of one shape are sampled together (over a `--mesh`'s batch axes); each
 video's prediction depends only on its own seed, so batching and the mesh change no output.
@@ -45,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser, add_common) -> None:
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--guidance", type=float, default=defaults.guidance)
     p.add_argument("--window", type=int, default=defaults.window)
+    p.add_argument("--context-noise", type=float, default=defaults.context_noise,
+                   help="noise mixed into generated frames joining the history")
+    p.add_argument("--baseline", choices=["copy-last"], default=None,
+                   help="write the last conditioning frame held still (read at the model's "
+                        "resolution) instead of sampling: the floor through the same path")
     p.add_argument("--batch-size", type=int, default=1,
                    help="videos sampled together (a multiple of the mesh's data x fsdp)")
     add_mesh_argument(p)
@@ -115,10 +122,15 @@ def generate_seed(pipe, videos, folder: str, partial: str, run: int, args, fps: 
                                         path, fps)
                 by_shape.setdefault(context.shape, []).append((i, name, context))
             for group in by_shape.values():
-                out = pipe.predict(np.stack([c for _, _, c in group]), clip_sizes=clips,
-                                   steps=args.steps, guidance=args.guidance, window=args.window,
-                                   seed=[_sample_seed(args.seed, run, i) for i, _, _ in group])
-                for (_, name, _), frames in zip(group, out.frames):
+                contexts = np.stack([c for _, _, c in group])  # [B, F, H, W, 3]
+                if args.baseline == "copy-last":
+                    predicted = np.repeat(contexts[:, -1:], sum(clips), axis=1)
+                else:
+                    predicted = pipe.predict(
+                        contexts, clip_sizes=clips, steps=args.steps, guidance=args.guidance,
+                        window=args.window, context_noise=args.context_noise,
+                        seed=[_sample_seed(args.seed, run, i) for i, _, _ in group]).frames
+                for (_, name, _), frames in zip(group, predicted):
                     temp = video_io.write_video(os.path.join(partial, name), frames, fps)
                     os.replace(temp, os.path.join(folder, name))
                 bar.update(len(group))
@@ -175,7 +187,8 @@ def run(args) -> int:
         raise ValueError(f"checkpoint {args.checkpoint!r} has no latent_space section; Physics-IQ "
                          "needs pixels")
     settings = {k: getattr(args, k) for k in ("seed", "max_image_size", "crop_multiple",
-                                              "clip_frames", "steps", "guidance", "window")}
+                                              "clip_frames", "steps", "guidance", "window",
+                                              "context_noise", "baseline")}
     settings.update(fps=fps, checkpoint=os.path.abspath(args.checkpoint),
                     release=os.path.abspath(args.release))
     _check_settings(args.out, settings, write=process[0] == 0)

@@ -675,6 +675,47 @@ def find_release(release_dir: str, generated_dir: str, fps=None) -> Release:
     return Release(detected, testing_dir, mask_dir, samples, notes)
 
 
+def write_release(root: str, scenes: dict[str, Sequence[tuple[np.ndarray, np.ndarray]]], fps: int,
+                  write: Callable[[str, np.ndarray, int], object] | None = None) -> dict:
+    """Write takes in the release layout `find_release` reads (the inverse of its parsing).
+
+    scenes: {scene: three (take 1, take 2) pairs, one per view of VIEWS}, each take uint8 RGB
+    `[(3 + SECONDS) * fps, H, W, 3]`; scene names must not contain '_'. Writes the testing videos
+    (the last SECONDS * fps frames of both takes) and the conditioning video (the first 3 * fps
+    frames of take 1); no mask videos (the scorer makes them from the videos, officially).
+    Ids as in the release: take-1 ids 0001.. in scene-major, view-minor order, take 2 = id + 198.
+    write(path, frames, fps): the encoder (default `video_io.write_video`, libx264 crf 18).
+    Returns {(scene, view): {'take-1': id, 'take-2': id}}.
+    """
+    if write is None:
+        from vgpt_jax.data.video_io import write_video as write
+    conditioning, total = 3 * fps, (3 + SECONDS) * fps
+    testing_dir = os.path.join(root, "split-videos", "testing", f"{fps}FPS")
+    conditioning_dir = os.path.join(root, "split-videos", "conditioning", f"{fps}FPS")
+    for folder in (testing_dir, conditioning_dir):
+        os.makedirs(folder, exist_ok=True)
+    ids, take1_id = {}, 1
+    for scene, views in scenes.items():
+        if "_" in scene or len(views) != len(VIEWS):
+            raise ValueError(f"scene {scene!r}: needs a name without '_' and {len(VIEWS)} views "
+                             f"(got {len(views)})")
+        for view, takes in zip(VIEWS, views):
+            ids[(scene, view)] = {"take-1": f"{take1_id:04d}", "take-2": f"{take1_id + 198:04d}"}
+            for take, frames in zip(("take-1", "take-2"), takes):
+                if len(frames) != total:
+                    raise ValueError(f"{scene} {view} {take}: {len(frames)} frames; a {fps}FPS "
+                                     f"release needs 3 + {SECONDS} s = {total}")
+                file_id = ids[(scene, view)][take]
+                name = f"{fps}FPS_{view}_{take}_{scene}.mp4"
+                write(os.path.join(testing_dir, f"{file_id}_testing-videos_{name}"),
+                      frames[conditioning:], fps)
+                if take == "take-1":
+                    write(os.path.join(conditioning_dir, f"{file_id}_conditioning-videos_{name}"),
+                          frames[:conditioning], fps)
+            take1_id += 1
+    return ids
+
+
 def load_categories(path: str) -> dict[str, str]:
     """{scenario: category} from a descriptions CSV with 'scenario' and 'category' columns (the
     official `descriptions/*.csv`; scenario cells like `0001_perspective-left_take-1_trimmed-x.mp4`)."""
