@@ -447,10 +447,12 @@ def test_generate_batched_on_a_mesh_and_spread_over_processes(release, tmp_path)
     import subproc
 
     export = _physics_export(tmp_path)
-    args = lambda out: ["physics-iq", "generate", "--checkpoint", export, "--release",
-                        release[0], "--out", str(tmp_path / out), "--seeds", "1", "--steps", "1",
-                        "--max-image-size", "16", "--no-progress"]
-    one = subproc.run(["-m", "vgpt_jax", *args("one")], timeout=300)
+    args = lambda out, seeds="1": ["physics-iq", "generate", "--checkpoint", export,
+                                   "--release", release[0], "--out", str(tmp_path / out),
+                                   "--seeds", seeds, "--steps", "1",
+                                   "--max-image-size", "16", "--no-progress"]
+    # Two seeds in the reference run: seed 1's prediction is the yardstick of a real change.
+    one = subproc.run(["-m", "vgpt_jax", *args("one", seeds="2")], timeout=300)
     assert one.returncode == 0, one.stdout[-3000:]
     batched = subproc.run(["-m", "vgpt_jax", *args("batched"), "--batch-size", "3",
                            "--mesh", "data=1"], timeout=300)
@@ -460,15 +462,18 @@ def test_generate_batched_on_a_mesh_and_spread_over_processes(release, tmp_path)
     assert all(p.returncode == 0 for p in pair), [p.stdout[-3000:] for p in pair]
     assert "process 1 of 2: wrote its share" in pair[1].stdout
     expected = _decoded(str(tmp_path / "one" / "seed-0"))
+    other_seed = _decoded(str(tmp_path / "one" / "seed-1"))
     for run in ("batched", "pair"):
         got = _decoded(str(tmp_path / run / "seed-0"))
         assert sorted(got) == sorted(expected)
         for name, frames in expected.items():
             # The files are lossy H.264: float summation order moves a prediction's pixels by a
             # level, and the encoder turns that into differences of up to tens of levels in a
-            # few pixels (measured mean 0.34). Another seed's prediction moves every pixel.
-            diff = np.abs(got[name].astype(int) - frames)
-            assert diff.mean() < 1.0, (run, name, diff.mean())
+            # few pixels (measured means 0.3-1.0 levels). Another seed's prediction moves every
+            # pixel: the same prediction must stay far closer than that.
+            diff = np.abs(got[name].astype(int) - frames).mean()
+            seed_diff = np.abs(other_seed[name].astype(int) - frames).mean()
+            assert diff < 0.1 * seed_diff, (run, name, diff, seed_diff)
     scores = lambda run: json.load(open(tmp_path / run / "summary.json"))["runs"][0]
     assert scores("pair")["original"] == pytest.approx(scores("one")["original"], abs=0.5)
 
