@@ -12,11 +12,12 @@ export, for `Pipeline.from_checkpoint`).
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from vgpt_jax.commands import start_config_run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/segmentation.py (or :quick)",
                                           lock_config=True)
@@ -24,11 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (model, metrics, 
 
 
 def _run(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_config_run(argv, _CONFIG, _WORKDIR)
     from vgpt_jax import segmentation
     report = segmentation.run(segmentation.SegmentationConfig.from_config(_CONFIG.value),
                               _WORKDIR.value)

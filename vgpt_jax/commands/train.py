@@ -16,6 +16,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from vgpt_jax.commands import start_config_run
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)")
 _ALLOW_CHANGE = flags.DEFINE_bool("allow-config-change", False,
@@ -23,11 +25,7 @@ _ALLOW_CHANGE = flags.DEFINE_bool("allow-config-change", False,
 
 
 def _run(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_config_run(argv, _CONFIG, _WORKDIR)
     from vgpt_jax import train
     result = train.train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
     logging.info("finished at step %d%s: %s", result.step,
