@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+# A run with a parameter average (`optim.ema_decay`) also saves the average in the params
+# format: what `resolve_params` serves for sampling and export. Resuming reads the copy inside
+# the optimiser state (`train_state/`), which the integrity record covers with the rest.
+EMA_PARAMS_DIR = "ema_params"
 
 
 class CorruptCheckpointError(Exception):
@@ -194,7 +198,9 @@ def load_model(directory: str, shardings=None, step: int | None = None
 
 
 def resolve_params(directory: str, step: int | None = None) -> tuple[str, ml_collections.ConfigDict]:
-    """(params directory, run config) of a model export or of a training workdir's checkpoint."""
+    """(params directory, run config) of a model export or of a training workdir's checkpoint:
+    of a run that keeps a parameter average (`optim.ema_decay`), the average's, so sampling,
+    export and the next stage's `init_from` all read the averaged weights."""
     directory = os.path.abspath(directory)
     if os.path.isdir(os.path.join(directory, CHECKPOINTS_DIR)):
         with TrainCheckpointer(directory, read_only=True) as ckpt:
@@ -202,7 +208,9 @@ def resolve_params(directory: str, step: int | None = None) -> tuple[str, ml_col
             if step is None:
                 raise FileNotFoundError(f"training workdir {directory!r} has no checkpoint yet")
             config = ckpt.restore_config(step)
-        return os.path.join(ckpt.directory, str(step), PARAMS_DIR), config
+        step_dir = ckpt.step_dir(step)
+        ema_dir = os.path.join(step_dir, EMA_PARAMS_DIR)
+        return (ema_dir if os.path.isdir(ema_dir) else os.path.join(step_dir, PARAMS_DIR)), config
     config = read_config(directory)
     params_dir = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(params_dir):
@@ -215,6 +223,7 @@ def resolve_params(directory: str, step: int | None = None) -> tuple[str, ml_col
 # Each step directory holds five items:
 #   params/       the model's params (a pure dict; the same format as an export's `params/`)
 #   train_state/  {"opt_state", "step", "rng"}
+#   ema_params/   only with `optim.ema_decay`: the parameter average, in the params format
 #   data/         the grain iterator state, one JSON per process
 #   config/       the run ConfigDict as JSON
 #   integrity/    content hashes of the above (see "Content hashes"), written in the same commit
@@ -252,6 +261,7 @@ class TrainCheckpointer:
             self.directory, options=options,
             item_handlers={PARAMS_DIR: ocp.StandardCheckpointHandler(),
                            "train_state": ocp.StandardCheckpointHandler(),
+                           EMA_PARAMS_DIR: ocp.StandardCheckpointHandler(),
                            "data": grain.checkpoint.CheckpointHandler(),
                            "config": ocp.JsonCheckpointHandler(),
                            INTEGRITY: ocp.JsonCheckpointHandler()})
@@ -276,6 +286,8 @@ class TrainCheckpointer:
         """Start an (async) save of `step`; every process must call it. Raises
         NonFiniteStateError, before anything is written, when any array holds NaN or inf."""
         import grain
+
+        from vgpt_jax import optim
         hashes, bad = inspect_arrays({PARAMS_DIR: params, "train_state": train_state})
         if bad:
             raise NonFiniteStateError(bad, len(hashes))
@@ -284,6 +296,9 @@ class TrainCheckpointer:
         items = {PARAMS_DIR: ocp.args.StandardSave(params),
                  "train_state": ocp.args.StandardSave(train_state),
                  "config": ocp.args.JsonSave(config_json)}
+        ema = optim.ema_params(train_state["opt_state"], params)
+        if ema is not None:
+            items[EMA_PARAMS_DIR] = ocp.args.StandardSave(ema)
         if data_iterator is not None:
             # The integrity item is written by the primary process: it records that one's file.
             integrity["data"] = {_data_file(): json_hash(data_iterator.get_state())}

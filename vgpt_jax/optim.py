@@ -7,6 +7,8 @@ weight decay 0.1 on every parameter (torch AdamW over `model.parameters()`), glo
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -30,14 +32,50 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
+class ParamEmaState(NamedTuple):
+    """The exponential moving average of the parameters after each update."""
+    ema: optax.Params
+
+
+def param_ema(decay: float) -> optax.GradientTransformation:
+    """Keeps `ema <- decay * ema + (1 - decay) * new_params` in the optimiser state; the updates
+    pass through unchanged. Placed last in a chain, `new_params` are the params the step applies.
+    Living in the optimiser state, the average is sharded, checkpointed and resumed with it."""
+    def init(params):
+        return ParamEmaState(jax.tree.map(jnp.asarray, params))
+
+    def update(updates, state, params):
+        new_params = optax.apply_updates(params, updates)
+        return updates, ParamEmaState(optax.incremental_update(new_params, state.ema, 1 - decay))
+    return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state, params) -> optax.Params | None:
+    """The parameter average kept by a `param_ema` in `opt_state`, or None when it keeps none.
+    Parameters it does not average (frozen by an adapters-only optimiser, `finetune`) are taken
+    from `params`, so the result is always a whole params tree."""
+    is_ema = lambda x: isinstance(x, ParamEmaState)
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_ema) if is_ema(s)]
+    if not found:
+        return None
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    return jax.tree.map(lambda e, p: p if masked(e) else e, found[0].ema, params,
+                        is_leaf=masked)
+
+
 def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation,
                                                          optax.Schedule]:
+    """AdamW after global-norm clipping; with `optim.ema_decay` > 0 also a parameter average
+    (`param_ema`) for sampling. The recipe keeps none (`--use_ema` unset in the official
+    scripts)."""
     schedule = make_schedule(optim_cfg, total_steps)
-    tx = optax.chain(
-        optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)),
-        optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
-                    eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.weight_decay)))
-    return tx, schedule
+    parts = [optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)),
+             optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
+                         eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.weight_decay))]
+    decay = float(optim_cfg.get("ema_decay", 0.0))
+    if decay:
+        parts.append(param_ema(decay))
+    return optax.chain(*parts), schedule
 
 
 def split_microbatches(batch, num: int):
