@@ -211,3 +211,14 @@ def test_changed_rope_theta_is_reported(reference, tmp_path, caplog):
                              allow_config_change=True)
     assert result.step == STEPS
     assert "model.rope_theta: 10000.0 -> 20000.0" in caplog.text
+
+
+def test_a_field_added_later_at_its_default_is_no_change():
+    from vgpt_jax import checkpoint
+    from vgpt_jax.config import get_train_config
+    current = get_train_config()
+    older = current.to_dict()
+    del older["optim"]["ema_decay"]  # a checkpoint written before the field existed
+    assert checkpoint.config_changes(older, current) == []
+    current.optim.ema_decay = 0.99
+    assert checkpoint.config_changes(older, current) == [("optim.ema_decay", "<absent>", 0.99)]

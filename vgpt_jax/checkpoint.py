@@ -24,7 +24,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from vgpt_jax.config import ModelConfig
+from vgpt_jax.config import ModelConfig, get_train_config
 from vgpt_jax.model import VideoGPT
 
 log = logging.getLogger(__name__)
@@ -444,10 +444,14 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 
 def config_changes(saved, current) -> list[tuple[str, object, object]]:
-    """[(dotted field, saved value, current value)] of the fields that differ."""
+    """[(dotted field, saved value, current value)] of the fields that differ. A field the saved
+    config lacks and the current one holds at its default (one added by a later version, e.g.
+    `optim.ema_decay`) is no change."""
     a, b = _flatten(_config_json(saved)), _flatten(_config_json(current))
+    defaults = _flatten(_config_json(get_train_config()))
+    added_at_default = lambda k: k not in a and k in defaults and b.get(k) == defaults[k]
     return [(k, a.get(k, _MISSING), b.get(k, _MISSING)) for k in sorted(set(a) | set(b))
-            if a.get(k, _MISSING) != b.get(k, _MISSING)]
+            if a.get(k, _MISSING) != b.get(k, _MISSING) and not added_at_default(k)]
 
 
 def _format_changes(changes) -> str:

@@ -2,60 +2,38 @@
 
 `get_model_config(name)` returns a `ConfigDict` (what `configs/*.py` files and command-line
 overrides edit); `ModelConfig.from_config(cfg)` checks it once and gives the hashable, typed
-view that the model and jitted functions use as a static argument.
+view that the model and jitted functions use as a static argument. The dataclasses hold the
+defaults: the presets and `get_train_config`'s sections are built from them, and
+`OptimConfig` / `DataConfig` / `LoopConfig` / ... `.from_config(section)` are the typed views
+the engine reads (each field cast to its type once). `checker` is the one way a config's
+`validate` reports a bad field.
 """
 from __future__ import annotations
 
 import dataclasses
 import ml_collections
 
-MODEL_PRESETS = ("tiny", "small", "phi3_mini")
 ATTENTION_IMPLS = ("auto", "dense", "blockwise", "dot_product", "splash")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _rope_scaling_none() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        type="none",  # "none" | "longrope"
-        long_factor=(),
-        short_factor=(),
-        original_max_position_embeddings=4096,
-        max_position_embeddings=4096,
-        attention_factor=-1.0,  # < 0: derive it as transformers does
-        # The official code calls rotary_emb(seq_len=5000), so a LongRoPE checkpoint uses the long
-        # factors at every length ("always_long"); "by_length" is stock transformers (long only
-        # when the sequence is longer than original_max_position_embeddings).
-        factor_rule="always_long",
-    ))
+def field_value(config, field: str):
+    """The value at dotted `field` of a ConfigDict, mapping or dataclass (None where a part is
+    missing); a ConfigDict value comes back as a plain dict."""
+    value = config
+    for part in field.split("."):
+        value = value.get(part) if hasattr(value, "get") else getattr(value, part, None)
+    return value.to_dict() if hasattr(value, "to_dict") else value
 
 
-def get_model_config(name: str = "tiny") -> ml_collections.ConfigDict:
-    """Model presets. `phi3_mini` is the published backbone (3.66B without the unused vocab)."""
-    base = dict(
-        num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, mlp_dim=128,
-        rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=_rope_scaling_none(),
-        latent_channels=4, patch_size=2,
-        # The SD3-style 2-D sin-cos table of the reference: a 192x192 grid with coordinates i/3.
-        pos_embed_grid=192, pos_embed_base_size=64, pos_embed_interpolation_scale=1.0,
-        time_freq_dim=256, init_std=0.02, final_layer_eps=1e-6,
-        max_seq_len=40960,
-        dtype="float32", param_dtype="float32",
-        attention=ml_collections.ConfigDict(dict(
-            impl="auto", block_q=512, block_kv=512, blockwise_tile=256,
-            dense_max_tokens=1024)),
-        scan_layers=True, remat_policy="none",
-    )
-    sizes = {
-        "tiny": dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, mlp_dim=128),
-        "small": dict(num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=4, mlp_dim=1024),
-        "phi3_mini": dict(num_layers=32, hidden_size=3072, num_heads=32, num_kv_heads=32,
-                          mlp_dim=8192),
-    }
-    if name not in sizes:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {MODEL_PRESETS}")
-    base.update(sizes[name])
-    return ml_collections.ConfigDict(base)
+def checker(what: str, config):
+    """`need(ok, field, msg)` for a `validate`: unless `ok`, a ValueError
+    "{what}: {field}={value!r}: {msg}" with the field's value in `config`."""
+    def need(ok, field: str, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"{what}: {field}={field_value(config, field)!r}: {msg}")
+    return need
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +78,15 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    type: str = "none"
+    type: str = "none"                  # "none" | "longrope"
     long_factor: tuple[float, ...] = ()
     short_factor: tuple[float, ...] = ()
     original_max_position_embeddings: int = 4096
     max_position_embeddings: int = 4096
-    attention_factor: float = -1.0
+    attention_factor: float = -1.0      # < 0: derive it as transformers does
+    # The official code calls rotary_emb(seq_len=5000), so a LongRoPE checkpoint uses the long
+    # factors at every length ("always_long"); "by_length" is stock transformers (long only
+    # when the sequence is longer than original_max_position_embeddings).
     factor_rule: str = "always_long"
 
 
@@ -122,6 +103,7 @@ class ModelConfig:
     rope_scaling: RopeScaling = RopeScaling()
     latent_channels: int = 4
     patch_size: int = 2
+    # The SD3-style 2-D sin-cos table of the reference: a 192x192 grid with coordinates i/3.
     pos_embed_grid: int = 192
     pos_embed_base_size: int = 64
     pos_embed_interpolation_scale: float = 1.0
@@ -167,9 +149,7 @@ class ModelConfig:
         return mc
 
     def validate(self) -> None:
-        def need(ok, field, msg):
-            if not ok:
-                raise ValueError(f"model config: {field}={getattr(self, field, None)!r}: {msg}")
+        need = checker("model config", self)
         for f in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "mlp_dim",
                   "latent_channels", "patch_size", "max_seq_len"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f,
@@ -232,6 +212,34 @@ class ModelConfig:
         return self.num_layers * (dense + attn)
 
 
+# The model presets' sizes; every other field takes `ModelConfig`'s default.
+MODEL_SIZES = {
+    "tiny": dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, mlp_dim=128),
+    "small": dict(num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=4, mlp_dim=1024),
+    "phi3_mini": dict(num_layers=32, hidden_size=3072, num_heads=32, num_kv_heads=32,
+                      mlp_dim=8192),
+}
+MODEL_PRESETS = tuple(MODEL_SIZES)
+# Sections of `ModelConfig` a preset leaves out (added by configs that use them).
+_OPTIONAL_MODEL_SECTIONS = ("conditions", "lora")
+
+
+def get_model_config(name: str = "tiny") -> ml_collections.ConfigDict:
+    """Model presets: a preset's sizes and `ModelConfig`'s defaults for the rest (without the
+    optional `conditions` and `lora` sections). `phi3_mini` is the published backbone (3.66B
+    without the unused vocab)."""
+    if name not in MODEL_SIZES:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {MODEL_PRESETS}")
+    defaults = {f.name: _plain(f.default) for f in dataclasses.fields(ModelConfig)
+                if f.default is not dataclasses.MISSING and f.name not in _OPTIONAL_MODEL_SECTIONS}
+    return ml_collections.ConfigDict({**MODEL_SIZES[name], **defaults})
+
+
+def _plain(value):
+    """A dataclass default as ConfigDict data: nested dataclasses become dicts."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
 def dtype_of(name: str):
     import jax.numpy as jnp
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
@@ -274,43 +282,132 @@ DEFAULT_LOGICAL_RULES = (
 )
 
 
+_CASTS = {"int": int, "float": float, "bool": bool}
+
+
+class _Section:
+    """A typed view of one flat section of a run config (a frozen dataclass of ints, floats,
+    bools and strs). Its defaults are the section's: `get_train_config` builds the section from
+    `defaults()`."""
+
+    @classmethod
+    def from_config(cls, section):
+        """The view of a ConfigDict section or mapping (an instance passes through): each field
+        cast to its type once, a missing field at its default. Keys the view does not name are
+        other readers' (e.g. `optim.trainable`, read by `finetune`) and are left to them."""
+        if isinstance(section, cls):
+            return section
+        given = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+        fields = {}
+        for f in dataclasses.fields(cls):
+            if f.name in given:
+                cast = _CASTS.get(f.type)
+                fields[f.name] = given[f.name] if cast is None else cast(given[f.name])
+        return cls(**fields)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return dataclasses.asdict(cls())
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(_Section):
+    """`optim`: AdamW, clipping, the learning-rate schedule (`vgpt_jax.optim`)."""
+    learning_rate: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    grad_clip_norm: float = 1.0
+    # The official scripts use constant_with_warmup (320k warmup steps).
+    schedule: str = "constant_with_warmup"
+    warmup_steps: int = 0
+    decay_steps: int = 0          # cosine/linear: steps of decay after warmup; 0 = to train.steps
+    end_lr_ratio: float = 0.0     # cosine/linear: final lr as a fraction of learning_rate
+    grad_accum_steps: int = 1
+    # > 0: keep an average of the params, `ema <- d ema + (1 - d) params` after every step, for
+    # sampling and export (`optim.param_ema`). The recipe keeps none (`--use_ema` unset).
+    ema_decay: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(_Section):
+    """`data`: the latent store and how the input pipeline reads it
+    (`vgpt_jax.data.input_pipeline`). The section also records, at start-up, the store's
+    `latent_normalization` and the `latent_size` the model trains at (not part of this view)."""
+    store: str = ""               # path of a latent store (`vgpt_jax.data.store.LatentStore`)
+    num_frames: int = 16
+    stride_min: int = 4           # stride_max > stride_min: random stride per sample (stage 3/4)
+    stride_max: int = 4
+    clip_mode: str = "one_frame"  # random | one_frame | single | first_frame (see
+    #                               layout.sample_clip_ids)
+    global_batch_size: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    worker_count: int = 0         # grain mp_prefetch worker processes (0: in the main process)
+    worker_buffer_size: int = 2
+    read_threads: int = 2
+    prefetch_buffer_size: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    """`checkpoint`: saving and the initialisation of a new run."""
+    save_interval_steps: int = 1000
+    max_to_keep: int = 3
+    async_save: bool = True
+    save_on_preemption: bool = True
+    init_from: str = ""           # previous stage's workdir or model export: params only
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig(_Section):
+    """`train`: the training loop."""
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    # Peak FLOP/s of one device for MFU; 0 measures a matmul once at start-up.
+    peak_flops_per_device: float = 0.0
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig(_Section):
+    """`distributed`: "auto" initializes `jax.distributed` when the environment names a
+    coordinator (JAX_COORDINATOR_ADDRESS, or a cluster JAX detects itself such as SLURM / TPU
+    pods); "always" / "never"."""
+    initialize: str = "auto"
+    coordinator_address: str = ""
+    num_processes: int = -1
+    process_id: int = -1
+    initialization_timeout: int = 300
+    heartbeat_timeout: int = 100
+    shutdown_timeout: int = 300
+
+
 def get_train_config(model: str = "tiny") -> ml_collections.ConfigDict:
-    """Every knob of a training run, with the recipe's defaults (the paper and the official scripts)."""
+    """Every knob of a training run, with the recipe's defaults (the paper and the official
+    scripts): each section from its dataclass above (the objective from
+    `diffusion.ObjectiveConfig`)."""
+    from vgpt_jax.diffusion import ObjectiveConfig  # diffusion imports this module
+    section = lambda d: ml_collections.ConfigDict(d)
     cfg = ml_collections.ConfigDict()
     cfg.model = get_model_config(model)
-    cfg.objective = ml_collections.ConfigDict(dict(
-        timestep_sampling="uniform", logit_normal_mean=0.0, logit_normal_std=1.0,
-        context_noise_beta=0.9, context_noise_gamma_max=0.1,
-        prediction_type="x1"))  # "v": the velocity x1 - eps (exports record it for sampling)
-    cfg.optim = ml_collections.ConfigDict(dict(
-        learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, grad_clip_norm=1.0,
-        # The official scripts use constant_with_warmup (320k warmup steps).
-        schedule="constant_with_warmup", warmup_steps=0,
-        decay_steps=0,          # cosine/linear: steps of decay after warmup; 0 = to train.steps
-        end_lr_ratio=0.0,       # cosine/linear: final lr as a fraction of learning_rate
-        grad_accum_steps=1))
-    cfg.mesh = ml_collections.ConfigDict(dict(
+    cfg.objective = section(dataclasses.asdict(ObjectiveConfig()))
+    cfg.optim = section(OptimConfig.defaults())
+    cfg.mesh = section(dict(
         # Sizes per mesh axis inside a slice (ICI) and across slices (DCN); one entry of each may
         # be -1 to take the remaining devices. num_slices > 1 builds a hybrid (multi-slice) mesh.
-        ici=ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1)),
-        dcn=ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1)),
+        ici=section(dict(data=1, fsdp=-1, context=1, tensor=1)),
+        dcn=section(dict(data=-1, fsdp=1, context=1, tensor=1)),
         num_slices=1,
         rules=[list(r) for r in DEFAULT_LOGICAL_RULES],
         # Fail start-up when more than this fraction of parameter elements is fully replicated
         # on a multi-device mesh (maxtext's assert_params_sufficiently_sharded).
         unsharded_tolerance=0.05))
-    cfg.data = ml_collections.ConfigDict(dict(
-        store="",                # path of a latent store (`vgpt_jax.data.store.LatentStore`)
-        num_frames=16,
-        stride_min=4, stride_max=4,  # stride_max > stride_min: random stride per sample (stage 3/4)
-        clip_mode="one_frame",   # random | one_frame | single | first_frame (layout.sample_clip_ids)
-        global_batch_size=8,
-        seed=0,
-        shuffle=True,
-        worker_count=0,          # grain mp_prefetch worker processes (0: in the main process)
-        worker_buffer_size=2,
-        read_threads=2,
-        prefetch_buffer_size=4,
+    cfg.data = section(dict(
+        DataConfig.defaults(),
         # The store's latent normalisation ({"shift": [C], "scale": [C]}; None: raw latents),
         # recorded from the store's manifest at start-up so every checkpoint and export carries
         # it (vgpt_jax.vae.latent_space.LatentNormalization).
@@ -318,31 +415,15 @@ def get_train_config(model: str = "tiny") -> ml_collections.ConfigDict:
         # (h, w) of the training latents, recorded at start-up: sampling commands default to the
         # resolution the model was trained at.
         latent_size=ml_collections.config_dict.placeholder(tuple)))
-    cfg.checkpoint = ml_collections.ConfigDict(dict(
-        save_interval_steps=1000, max_to_keep=3, async_save=True, save_on_preemption=True,
-        init_from=""))           # previous stage's workdir or model export: params only
-    cfg.train = ml_collections.ConfigDict(dict(
-        steps=1000, seed=0, log_every=10,
-        # Peak FLOP/s of one device for MFU; 0 measures a matmul once at start-up.
-        peak_flops_per_device=0.0,
-        progress_bar=True, tensorboard=True))
-    cfg.distributed = ml_collections.ConfigDict(dict(
-        # "auto": initialize when the environment names a coordinator (JAX_COORDINATOR_ADDRESS,
-        # or a cluster JAX detects itself such as SLURM / TPU pods); "always" / "never".
-        initialize="auto", coordinator_address="", num_processes=-1, process_id=-1,
-        initialization_timeout=300, heartbeat_timeout=100, shutdown_timeout=300))
+    cfg.checkpoint = section(CheckpointConfig.defaults())
+    cfg.train = section(LoopConfig.defaults())
+    cfg.distributed = section(DistributedConfig.defaults())
     return cfg
 
 
 def validate_train_config(cfg) -> None:
     """Check a run config once, before anything is compiled; errors name the field and value."""
-    def need(ok, field, msg):
-        if not ok:
-            value = cfg
-            for part in field.split("."):
-                value = value.get(part) if hasattr(value, "get") else None
-            value = value.to_dict() if hasattr(value, "to_dict") else value
-            raise ValueError(f"config: {field}={value!r}: {msg}")
+    need = checker("config", cfg)
     for section in ("model", "objective", "optim", "mesh", "data", "checkpoint", "train"):
         if section not in cfg:
             raise ValueError(f"config: missing section {section!r}")
@@ -354,6 +435,7 @@ def validate_train_config(cfg) -> None:
     need(o.warmup_steps >= 0 and o.decay_steps >= 0, "optim.warmup_steps", "must be >= 0")
     need(isinstance(o.grad_accum_steps, int) and o.grad_accum_steps >= 1,
          "optim.grad_accum_steps", "must be a positive integer")
+    need(0 <= o.get("ema_decay", 0.0) < 1, "optim.ema_decay", "must lie in [0, 1)")
     need(d.num_frames >= 1, "data.num_frames", "must be >= 1")
     need(1 <= d.stride_min <= d.stride_max, "data.stride_min",
          f"need 1 <= stride_min <= stride_max (stride_max={d.stride_max})")

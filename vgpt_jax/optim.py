@@ -13,20 +13,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vgpt_jax.config import OptimConfig
+
 
 def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0, then constant / cosine / linear decay to `end_lr_ratio * lr`."""
-    lr, warmup = float(optim_cfg.learning_rate), int(optim_cfg.warmup_steps)
-    if optim_cfg.schedule == "constant_with_warmup":
+    """Linear warmup from 0, then constant / cosine / linear decay to `end_lr_ratio * lr`.
+    `optim_cfg`: the `optim` section (a ConfigDict or `config.OptimConfig`)."""
+    o = OptimConfig.from_config(optim_cfg)
+    lr, warmup = o.learning_rate, o.warmup_steps
+    if o.schedule == "constant_with_warmup":
         return optax.linear_schedule(0.0, lr, warmup) if warmup else optax.constant_schedule(lr)
-    decay = int(optim_cfg.decay_steps) or max(total_steps - warmup, 1)
-    end = lr * float(optim_cfg.end_lr_ratio)
-    if optim_cfg.schedule == "cosine":
-        after = optax.cosine_decay_schedule(lr, decay, alpha=float(optim_cfg.end_lr_ratio))
-    elif optim_cfg.schedule == "linear":
+    decay = o.decay_steps or max(total_steps - warmup, 1)
+    end = lr * o.end_lr_ratio
+    if o.schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, decay, alpha=o.end_lr_ratio)
+    elif o.schedule == "linear":
         after = optax.linear_schedule(lr, end, decay)
     else:
-        raise ValueError(f"optim.schedule={optim_cfg.schedule!r}: unknown schedule")
+        raise ValueError(f"optim.schedule={o.schedule!r}: unknown schedule")
     if not warmup:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
@@ -68,13 +72,12 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
     """AdamW after global-norm clipping; with `optim.ema_decay` > 0 also a parameter average
     (`param_ema`) for sampling. The recipe keeps none (`--use_ema` unset in the official
     scripts)."""
-    schedule = make_schedule(optim_cfg, total_steps)
-    parts = [optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)),
-             optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
-                         eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.weight_decay))]
-    decay = float(optim_cfg.get("ema_decay", 0.0))
-    if decay:
-        parts.append(param_ema(decay))
+    o = OptimConfig.from_config(optim_cfg)
+    schedule = make_schedule(o, total_steps)
+    parts = [optax.clip_by_global_norm(o.grad_clip_norm),
+             optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)]
+    if o.ema_decay:
+        parts.append(param_ema(o.ema_decay))
     return optax.chain(*parts), schedule
 
 

@@ -197,26 +197,25 @@ class Pipeline:
     # ------------------------------------------------------------------ entry points
 
     def predict(self, context, num_frames: int | None = None, *,
-                clip_sizes: Sequence[int] | None = None, steps: int = 50,
-                guidance: float = 1.5, window: int = 80, seed: int | Sequence[int] = 0,
-                time_shift: float = 1.0, cache_mode: str = "window", anchor_frames: int = 0,
-                context_noise: float = 0.0, same_noise_every_clip: bool = False,
-                renoise_context: bool = False, reencode: bool = False,
-                callback: Callable[[int, int, np.ndarray], None] | None = None) -> SampleOutput:
+                clip_sizes: Sequence[int] | None = None,
+                sampler: sampling.SamplerConfig | None = None, seed: int | Sequence[int] = 0,
+                reencode: bool = False,
+                callback: Callable[[int, int, np.ndarray], None] | None = None,
+                **sampler_overrides) -> SampleOutput:
         """Continue `context` by `num_frames` (clips of 24) or by clips of `clip_sizes` frames.
 
         context: uint8 pixels [(B,) F, H, W, 3] or float latents [(B,) F, h, w, C].
-        steps, guidance, window, time_shift, cache_mode, anchor_frames, context_noise,
-        same_noise_every_clip, renoise_context: see `sampling.SamplerConfig` (the prediction
-        type is `self.prediction_type`). seed: an int (video b uses
-        seed + b) or one per video. reencode: pass each finished clip through decode -> uint8
-        -> encode before it joins the history, as the release does. callback(k, num_clips,
-        latents [B, n, h, w, C]) runs after each clip.
+        sampler: the sampling settings (`sampling.SamplerConfig`; None: its defaults, the
+        release's); any of its fields given by name (steps=, guidance=, window=, time_shift=,
+        cache_mode=, anchor_frames=, context_noise=, same_noise_every_clip=,
+        renoise_context=, condition_guidance=) replaces the sampler's. The prediction type is
+        always `self.prediction_type`. seed: an int (video b uses seed + b) or one per video.
+        reencode: pass each finished clip through decode -> uint8 -> encode before it joins
+        the history, as the release does. callback(k, num_clips, latents [B, n, h, w, C]) runs
+        after each clip.
         """
         sizes = _clip_sizes(num_frames, clip_sizes)
-        cfg = self._sampler_config(steps, guidance, window, time_shift, cache_mode,
-                                   anchor_frames, context_noise, same_noise_every_clip,
-                                   renoise_context)
+        cfg = self._sampler_config("predict", sampler, sampler_overrides)
         context = np.asarray(context)
         batched = context.ndim == 5
         if context.ndim not in (4, 5):
@@ -239,21 +238,19 @@ class Pipeline:
 
     def generate(self, num_frames: int | None = None, *, clip_sizes: Sequence[int] | None = None,
                  batch_size: int = 1, frame_size: tuple[int, int] | None = None,
-                 latent_size: tuple[int, int] | None = None, steps: int = 50,
-                 guidance: float = 1.5, window: int = 80, seed: int | Sequence[int] = 0,
-                 time_shift: float = 1.0, cache_mode: str = "window", anchor_frames: int = 0,
-                 context_noise: float = 0.0, same_noise_every_clip: bool = False,
-                 renoise_context: bool = False, reencode: bool = False,
-                 callback: Callable[[int, int, np.ndarray], None] | None = None) -> SampleOutput:
-        """Video from nothing: the first clip unconditionally, then as `predict`.
+                 latent_size: tuple[int, int] | None = None,
+                 sampler: sampling.SamplerConfig | None = None, seed: int | Sequence[int] = 0,
+                 reencode: bool = False,
+                 callback: Callable[[int, int, np.ndarray], None] | None = None,
+                 **sampler_overrides) -> SampleOutput:
+        """Video from nothing: the first clip unconditionally, then as `predict` (`sampler`
+        and the sampler settings given by name, seed, reencode, callback as there).
 
         Give `frame_size=(H, W)` in pixels (with a latent space) or `latent_size=(h, w)`.
         Outputs are batched [batch_size, N, ...].
         """
         sizes = _clip_sizes(num_frames, clip_sizes)
-        cfg = self._sampler_config(steps, guidance, window, time_shift, cache_mode,
-                                   anchor_frames, context_noise, same_noise_every_clip,
-                                   renoise_context)
+        cfg = self._sampler_config("generate", sampler, sampler_overrides)
         if (frame_size is None) == (latent_size is None):
             raise ValueError("generate: give exactly one of frame_size (pixels) and latent_size")
         if frame_size is not None:
@@ -298,16 +295,21 @@ class Pipeline:
 
     # ------------------------------------------------------------------ helpers
 
-    def _sampler_config(self, steps, guidance, window, time_shift, cache_mode, anchor_frames,
-                        context_noise, same_noise_every_clip,
-                        renoise_context) -> sampling.SamplerConfig:
-        cfg = sampling.SamplerConfig(steps=steps, guidance=float(guidance), window=window,
-                                     time_shift=float(time_shift), cache_mode=cache_mode,
-                                     anchor_frames=anchor_frames,
-                                     context_noise=float(context_noise),
-                                     same_noise_every_clip=bool(same_noise_every_clip),
-                                     prediction_type=self.prediction_type,
-                                     renoise_context=bool(renoise_context))
+    def _sampler_config(self, method: str, sampler: sampling.SamplerConfig | None,
+                        overrides: dict) -> sampling.SamplerConfig:
+        """`sampler` (default: `SamplerConfig()`) with the settings given by name (float and
+        bool fields cast to their type) and this pipeline's prediction type, validated."""
+        fields = {f.name: f.type for f in dataclasses.fields(sampling.SamplerConfig)
+                  if f.name != "prediction_type"}
+        for name in overrides:
+            if name not in fields:
+                raise TypeError(f"{method}() got an unexpected keyword argument {name!r} (the "
+                                f"sampler settings are {sorted(fields)})")
+        casts = {"float": float, "bool": bool}
+        given = {k: casts[fields[k]](v) if fields[k] in casts else v
+                 for k, v in overrides.items()}
+        cfg = dataclasses.replace(sampler or sampling.SamplerConfig(), **given,
+                                  prediction_type=self.prediction_type)
         cfg.validate()
         return cfg
 

@@ -25,10 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vgpt_jax import checkpoint as ckpt_lib
-from vgpt_jax import diffusion, optim, sampling, train
+from vgpt_jax import sampling, train
 from vgpt_jax import sharding as shard_lib
-from vgpt_jax.config import (MESH_AXES, ModelConfig, block_len_for, dtype_of,
-                             validate_train_config)
+from vgpt_jax.config import MESH_AXES, ModelConfig, block_len_for, dtype_of
 from vgpt_jax.layout import TokenMeta
 from vgpt_jax.model.decoder import LayerKV
 from vgpt_jax.model.video_gpt import KVCache
@@ -196,34 +195,13 @@ def apply_options(config, *, mesh: dict | None = None, remat: str | None = None,
 
 
 def plan_train(config, devices, latent_hw=DEFAULT_LATENT_HW):
-    """Compile the train step of `config` on `devices`.
+    """Compile the train step of `config` on `devices`: the step half of the training engine
+    (`train.build_step`, with its checks) lowered on an abstract batch of `latent_hw` latents.
 
-    Returns (ProgramPlan, mesh, rules, abstract train state)."""
-    validate_train_config(config)
-    model_cfg = ModelConfig.from_config(config.model)
-    obj_cfg = diffusion.ObjectiveConfig(**config.objective.to_dict())
-    mesh = shard_lib.make_mesh(config.mesh, devices)
-    rules = shard_lib.rules_of(config.mesh)
-    train._check_batch(config, mesh, rules)
-    tx, schedule = optim.make_optimizer(config.optim, int(config.train.steps))
-    graphdef, abstract = train.abstract_state(model_cfg, tx, mesh, rules)
-    shard_lib.check_sufficiently_sharded(abstract.params, mesh,
-                                         float(config.mesh.unsharded_tolerance))
-    b, f = int(config.data.global_batch_size), int(config.data.num_frames)
-    h, w = latent_hw
-    batch_sh = {"latents": shard_lib.batch_sharding(mesh, rules, 5),
-                "clip_ids": shard_lib.batch_sharding(mesh, rules, 2)}
-    batch = {"latents": jax.ShapeDtypeStruct((b, f, h, w, model_cfg.latent_channels),
-                                             jnp.float32, sharding=batch_sh["latents"]),
-             "clip_ids": jax.ShapeDtypeStruct((b, f), jnp.int32, sharding=batch_sh["clip_ids"])}
-    step = train.make_train_step(graphdef, obj_cfg, tx, schedule,
-                                 int(config.optim.grad_accum_steps), train.shardings_of(abstract),
-                                 batch_sh, mesh, rules)
-
-    def lower():
-        with shard_lib.activation_sharding(mesh, rules):
-            return step.jitted.lower(abstract, batch)
-    return _program_plan("train_step", lower), mesh, rules, abstract
+    Returns (ProgramPlan, train.StepSetup)."""
+    step = train.build_step(config, devices)
+    lower = lambda: step.step_fn.lower(step.abstract, step.abstract_batch(latent_hw))
+    return _program_plan("train_step", lower), step
 
 
 def plan_sampler(model_cfg: ModelConfig, mesh, rules, *, batch: int, context_frames: int,
@@ -276,21 +254,18 @@ def make_plan(config_name: str, topology: str, mesh: dict, *, remat: str | None 
     config = apply_options(load_config(config_name), mesh=mesh, remat=remat, dtype=dtype,
                            attention=attention, global_batch=global_batch, grad_accum=grad_accum,
                            num_frames=num_frames)
-    model_cfg = ModelConfig.from_config(config.model)
-    train_plan, mesh_obj, rules, abstract = plan_train(config, devices, latent_hw)
-    f = int(config.data.num_frames)
+    train_plan, step = plan_train(config, devices, latent_hw)
+    model_cfg, f, b = step.model_cfg, step.data_cfg.num_frames, step.global_batch
     tokens = 2 * f * block_len_for(model_cfg, *latent_hw)
     sampler_plan = None
     if sampler:
-        sampler_plan = plan_sampler(model_cfg, mesh_obj, rules,
+        sampler_plan = plan_sampler(model_cfg, step.mesh, step.rules,
                                     batch=mesh["data"] * mesh["fsdp"],
                                     context_frames=context_frames, clip_frames=clip_frames,
                                     steps=sampler_steps, latent_hw=latent_hw)
     return Plan(topology, len(devices), mesh, config_name, model_cfg.remat_policy,
-                model_cfg.dtype, int(config.data.global_batch_size),
-                int(config.optim.grad_accum_steps), f, tokens, hbm, peak,
-                train.flops_per_step(model_cfg, int(config.data.global_batch_size), tokens),
-                train_plan, sampler_plan)
+                model_cfg.dtype, b, step.optim_cfg.grad_accum_steps, f, tokens, hbm, peak,
+                train.flops_per_step(model_cfg, b, tokens), train_plan, sampler_plan)
 
 
 # ----------------------------------------------------------------------------- reporting

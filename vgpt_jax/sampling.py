@@ -69,7 +69,8 @@ from jax.sharding import Mesh, NamedSharding
 from vgpt_jax import conditioning
 from vgpt_jax import layout as layout_lib
 from vgpt_jax import sharding as shard_lib
-from vgpt_jax.config import DEFAULT_LOGICAL_RULES, ModelConfig, block_len_for, dtype_of
+from vgpt_jax.config import (DEFAULT_LOGICAL_RULES, ModelConfig, block_len_for, checker,
+                             dtype_of)
 from vgpt_jax.model import VideoGPT
 from vgpt_jax.model.decoder import LayerKV
 from vgpt_jax.model.rope import apply_rope, inverse_frequencies
@@ -95,9 +96,7 @@ class SamplerConfig:
     condition_guidance: float = 1.0  # s_c: guidance by the model's conditions (1: none)
 
     def validate(self) -> None:
-        def need(ok, field, msg):
-            if not ok:
-                raise ValueError(f"sampler: {field}={getattr(self, field)!r}: {msg}")
+        need = checker("sampler", self)
         need(isinstance(self.steps, (int, np.integer)) and self.steps >= 1, "steps",
              "must be an integer >= 1")
         need(math.isfinite(self.guidance) and self.guidance >= 0, "guidance",

@@ -32,6 +32,7 @@ import time
 import ml_collections
 import numpy as np
 
+from vgpt_jax.config import checker
 from vgpt_jax.data import segmentation_masks as masks_lib
 from vgpt_jax.data.physics_world import WorldConfig, WorldSpec, make_world
 
@@ -77,12 +78,7 @@ class SegmentationConfig:
         return out
 
     def validate(self) -> None:
-        def need(ok, field, msg):
-            if not ok:
-                value = self
-                for part in field.split("."):
-                    value = getattr(value, part)
-                raise ValueError(f"segmentation config: {field}={value!r}: {msg}")
+        need = checker("segmentation config", self)
         w = self.world
         need(bool(self.init_from), "init_from", "a model export is needed (its architecture and "
              "latent space, and its weights unless from_scratch)")

@@ -2,7 +2,8 @@
 
 `train(config, workdir, data_source=None)` runs (or resumes) a run:
   1. validate the config, join the other processes (`jax.distributed`) when asked;
-  2. build the mesh and the state shardings; refuse a mesh that leaves the params unsharded;
+  2. build the step half (`build_step`: the mesh, the state shardings, the optimiser and the
+     jitted step; what the TPU planner compiles); refuse a mesh that leaves the params unsharded;
   3. open the data (errors name the store) and check the batch against the mesh;
   4. restore the latest checkpoint of `workdir` (state + data position), or initialise the state
      straight into its shardings (optionally with the previous curriculum stage's params);
@@ -36,7 +37,8 @@ from vgpt_jax import diffusion
 from vgpt_jax import finetune
 from vgpt_jax import optim
 from vgpt_jax import sharding as shard_lib
-from vgpt_jax.config import (ModelConfig, block_len_for, validate_train_config)
+from vgpt_jax.config import (CheckpointConfig, DataConfig, DistributedConfig, LoopConfig,
+                             ModelConfig, OptimConfig, block_len_for, validate_train_config)
 from vgpt_jax.data import input_pipeline
 from vgpt_jax.model import VideoGPT
 
@@ -60,21 +62,21 @@ class TrainState:
 def maybe_initialize_distributed(dist_cfg) -> None:
     """`jax.distributed.initialize` when the config asks, or ("auto") when the environment names
     a coordinator. Must run before anything touches a JAX device."""
-    mode = dist_cfg.initialize
-    if mode == "never" or jax.distributed.is_initialized():
+    d = DistributedConfig.from_config(dist_cfg)
+    if d.initialize == "never" or jax.distributed.is_initialized():
         return
-    explicit = bool(dist_cfg.coordinator_address) or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if mode == "auto" and not explicit:
+    explicit = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if d.initialize == "auto" and not explicit:
         return
-    kwargs = dict(initialization_timeout=int(dist_cfg.initialization_timeout),
-                  heartbeat_timeout_seconds=int(dist_cfg.heartbeat_timeout),
-                  shutdown_timeout_seconds=int(dist_cfg.shutdown_timeout))
-    if dist_cfg.coordinator_address:
-        kwargs.update(coordinator_address=dist_cfg.coordinator_address)
-    if dist_cfg.num_processes > 0:
-        kwargs.update(num_processes=int(dist_cfg.num_processes))
-    if dist_cfg.process_id >= 0:
-        kwargs.update(process_id=int(dist_cfg.process_id))
+    kwargs = dict(initialization_timeout=d.initialization_timeout,
+                  heartbeat_timeout_seconds=d.heartbeat_timeout,
+                  shutdown_timeout_seconds=d.shutdown_timeout)
+    if d.coordinator_address:
+        kwargs.update(coordinator_address=d.coordinator_address)
+    if d.num_processes > 0:
+        kwargs.update(num_processes=d.num_processes)
+    if d.process_id >= 0:
+        kwargs.update(process_id=d.process_id)
     jax.distributed.initialize(**kwargs)
 
 
@@ -127,15 +129,16 @@ def init_state(model_cfg: ModelConfig, tx, abstract: TrainState, seed: int,
 
 def make_train_step(graphdef, obj_cfg: diffusion.ObjectiveConfig, tx, schedule, accum_steps: int,
                     state_shardings, batch_shardings, mesh, rules, labels=None):
-    """The jitted step `(state, batch) -> (state, metrics)`, state donated. `labels`: a params
-    tree -> {"train", "frozen"} function (adapters-only fine-tuning): frozen parameters get no
-    gradient (`finetune.freeze`)."""
+    """The jitted step `(state, batch) -> (state, metrics)`, state donated (call it, or
+    `.lower` it for a compile without running). `labels`: a params tree -> {"train", "frozen"}
+    function (adapters-only fine-tuning): frozen parameters get no gradient
+    (`finetune.freeze`)."""
     def loss_fn(params, batch, rng):
         if labels is not None:
             params = finetune.freeze(params, labels(params))
         return diffusion.loss(nnx.merge(graphdef, params), batch, rng, obj_cfg)
 
-    def step_fn(state: TrainState, batch):
+    def step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl="threefry2x32"),
                                  state.step)
         loss, metrics, grads = optim.accumulate_gradients(loss_fn, state.params, batch, key,
@@ -146,16 +149,15 @@ def make_train_step(graphdef, obj_cfg: diffusion.ObjectiveConfig, tx, schedule, 
                    "lr": schedule(state.step)}
         return TrainState(params, opt_state, state.step + 1, state.rng), metrics
 
-    rep = shard_lib.replicated(mesh)
-    jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                     out_shardings=(state_shardings, rep), donate_argnums=0)
-
-    def run(state, batch):
-        # `constrain` inside the model reads the active mesh at trace time.
+    def step_fn(state: TrainState, batch):
+        # `constrain` inside the model reads the active mesh while jit traces this function
+        # (whether the step is called or lowered), so the context lives inside it.
         with shard_lib.activation_sharding(mesh, rules):
-            return jitted(state, batch)
-    run.jitted = jitted
-    return run
+            return step(state, batch)
+
+    rep = shard_lib.replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, rep), donate_argnums=0)
 
 
 # --------------------------------------------------------------------------- logging
@@ -287,7 +289,8 @@ def _objective(cfg) -> diffusion.ObjectiveConfig:
     return obj
 
 
-def _check_latents(source, name: str, model_cfg: ModelConfig, data_cfg) -> tuple[int, int]:
+def _check_latents(source, name: str, model_cfg: ModelConfig,
+                   data_cfg: DataConfig) -> tuple[int, int]:
     """The data's latent geometry against the model, before anything is compiled; returns the
     latents' (h, w), which the run config records (`data.latent_size`)."""
     if len(source) == 0:
@@ -297,7 +300,7 @@ def _check_latents(source, name: str, model_cfg: ModelConfig, data_cfg) -> tuple
         raise ValueError(f"data source {name!r}: latents have shape {shape}, expected [F, h, w, C]")
     _, h, w, c = shape
     model_cfg.check_latent_shape(h, w, c, what=f"data source {name!r}")
-    tokens = 2 * int(data_cfg.num_frames) * block_len_for(model_cfg, h, w)
+    tokens = 2 * data_cfg.num_frames * block_len_for(model_cfg, h, w)
     if tokens > model_cfg.max_seq_len:
         raise ValueError(f"data.num_frames={data_cfg.num_frames} at {h}x{w} latents makes "
                          f"{tokens} tokens, over model.max_seq_len={model_cfg.max_seq_len}")
@@ -319,8 +322,9 @@ def _adopt_normalization(config, source, name: str) -> None:
                                 f"latent store {name!r}")
 
 
-def _check_batch(cfg, mesh, rules) -> None:
-    b, accum = int(cfg.data.global_batch_size), int(cfg.optim.grad_accum_steps)
+def check_batch(data_cfg: DataConfig, optim_cfg: OptimConfig, mesh, rules) -> None:
+    """The global batch (each microbatch of it) against the batch shards of the mesh."""
+    b, accum = data_cfg.global_batch_size, optim_cfg.grad_accum_steps
     shards = shard_lib.batch_shards(mesh, rules)
     if (b // accum) % shards:
         raise ValueError(
@@ -329,11 +333,27 @@ def _check_batch(cfg, mesh, rules) -> None:
             f"{dict(mesh.shape)} (the 'batch' rule maps to {shard_lib.logical_to_spec(('batch',), rules)[0]})")
 
 
+def batch_shardings(model_cfg: ModelConfig, mesh, rules) -> dict:
+    """The shardings of a global batch's arrays: the latents and clip ids, and the conditions
+    the model takes (`class_id`, `actions`)."""
+    out = {"latents": shard_lib.batch_sharding(mesh, rules, 5),
+           "clip_ids": shard_lib.batch_sharding(mesh, rules, 2)}
+    if model_cfg.conditions.num_classes:
+        out["class_id"] = shard_lib.batch_sharding(mesh, rules, 1)
+    if model_cfg.conditions.action_dim:
+        out["actions"] = shard_lib.batch_sharding(mesh, rules, 3)
+    return out
+
+
 @dataclasses.dataclass
-class Setup:
-    """Everything a run needs, built and checked before the first compile."""
+class StepSetup:
+    """The step half of a run: the compiled program and what it runs on, from the config alone
+    (no data). What `plan.plan_train` compiles for a TPU topology."""
     config: object
     model_cfg: ModelConfig
+    optim_cfg: OptimConfig
+    data_cfg: DataConfig
+    loop_cfg: LoopConfig
     mesh: jax.sharding.Mesh
     rules: tuple
     tx: optax.GradientTransformation
@@ -341,62 +361,84 @@ class Setup:
     graphdef: object
     abstract: TrainState            # ShapeDtypeStructs with the target shardings
     batch_shardings: dict
-    dataset: object                 # grain IterDataset of this process's rows
-    step_fn: object                 # (state, global batch) -> (state, metrics)
+    step_fn: object                 # jitted (state, global batch) -> (state, metrics)
 
     @property
     def global_batch(self) -> int:
-        return int(self.config.data.global_batch_size)
+        return self.data_cfg.global_batch_size
 
     def init(self, params=None) -> TrainState:
-        return init_state(self.model_cfg, self.tx, self.abstract, int(self.config.train.seed),
-                          params)
+        return init_state(self.model_cfg, self.tx, self.abstract, self.loop_cfg.seed, params)
 
     def global_batch_of(self, local_batch: dict) -> dict:
         return input_pipeline.to_global(local_batch, self.batch_shardings, self.global_batch)
 
+    def abstract_batch(self, latent_hw: tuple[int, int]) -> dict:
+        """A global batch of `data.num_frames` frames of `latent_hw` latents as
+        ShapeDtypeStructs with their shardings (what `step_fn.lower` takes)."""
+        b, f, (h, w) = self.global_batch, self.data_cfg.num_frames, latent_hw
+        shapes = {"latents": ((b, f, h, w, self.model_cfg.latent_channels), jnp.float32),
+                  "clip_ids": ((b, f), jnp.int32), "class_id": ((b,), jnp.int32),
+                  "actions": ((b, f, self.model_cfg.conditions.action_dim), jnp.float32)}
+        return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=sh)
+                for k, sh in self.batch_shardings.items()}
 
-def build(config, data_source=None, devices=None) -> Setup:
-    """Validate the config, make the mesh, shardings, data pipeline and step (nothing runs).
 
-    Errors (bad config, mesh vs devices, batch vs mesh, unsharded params, missing or corrupt
-    store) are raised here, before anything is compiled.
+@dataclasses.dataclass
+class Setup(StepSetup):
+    """Everything a run needs (the step half and the data), built and checked before the first
+    compile."""
+    dataset: object                 # grain IterDataset of this process's rows
+
+
+def build_step(config, devices=None) -> StepSetup:
+    """The step half of `build`: validate the config (the objective too), make the mesh, the
+    optimiser, the abstract state and its shardings, and the jitted step (nothing runs).
+
+    Errors (bad config, mesh vs devices, batch vs mesh, unsharded params) are raised here.
     """
     validate_train_config(config)
-    maybe_initialize_distributed(config.distributed)
     model_cfg = ModelConfig.from_config(config.model)
     obj_cfg = _objective(config)
+    optim_cfg = OptimConfig.from_config(config.optim)
+    data_cfg = DataConfig.from_config(config.data)
+    loop_cfg = LoopConfig.from_config(config.train)
     mesh = shard_lib.make_mesh(config.mesh, devices)
     rules = shard_lib.rules_of(config.mesh)
-    _check_batch(config, mesh, rules)
-    source = data_source if data_source is not None else input_pipeline.open_source(config.data.store)
-    name = config.data.store or type(source).__name__
-    config.data.latent_size = _check_latents(source, name, model_cfg, config.data)
-    _adopt_normalization(config, source, name)
-
-    tx, schedule = optim.make_optimizer(config.optim, int(config.train.steps))
+    check_batch(data_cfg, optim_cfg, mesh, rules)
+    tx, schedule = optim.make_optimizer(optim_cfg, loop_cfg.steps)
     labels = None
     if finetune.trains_adapters_only(config.optim, model_cfg):
         labels = finetune.labels_for(model_cfg)
         tx = finetune.adapters_only(tx, labels)
     graphdef, abstract = abstract_state(model_cfg, tx, mesh, rules)
-    shard_lib.check_sufficiently_sharded(abstract.params, mesh,
-                                         float(config.mesh.unsharded_tolerance))
-    b = int(config.data.global_batch_size)
-    batch_sh = {"latents": shard_lib.batch_sharding(mesh, rules, 5),
-                "clip_ids": shard_lib.batch_sharding(mesh, rules, 2)}
-    conditions = model_cfg.conditions
-    if conditions.num_classes:
-        batch_sh["class_id"] = shard_lib.batch_sharding(mesh, rules, 1)
-    if conditions.action_dim:
-        batch_sh["actions"] = shard_lib.batch_sharding(mesh, rules, 3)
-    rows = input_pipeline.process_rows(batch_sh["latents"], b)
-    dataset = input_pipeline.make_dataset(source, config.data, rows=rows, name=name,
-                                          conditions=model_cfg.conditions)
-    step_fn = make_train_step(graphdef, obj_cfg, tx, schedule, int(config.optim.grad_accum_steps),
+    shard_lib.check_sufficiently_sharded(abstract.params, mesh, config.mesh.unsharded_tolerance)
+    batch_sh = batch_shardings(model_cfg, mesh, rules)
+    step_fn = make_train_step(graphdef, obj_cfg, tx, schedule, optim_cfg.grad_accum_steps,
                               shardings_of(abstract), batch_sh, mesh, rules, labels)
-    return Setup(config, model_cfg, mesh, rules, tx, schedule, graphdef, abstract, batch_sh,
-                 dataset, step_fn)
+    return StepSetup(config, model_cfg, optim_cfg, data_cfg, loop_cfg, mesh, rules, tx, schedule,
+                     graphdef, abstract, batch_sh, step_fn)
+
+
+def build(config, data_source=None, devices=None) -> Setup:
+    """Validate the config, make the mesh, shardings and step (`build_step`), then the data
+    pipeline (nothing runs).
+
+    Errors (bad config, mesh vs devices, batch vs mesh, unsharded params, missing or corrupt
+    store) are raised here, before anything is compiled.
+    """
+    validate_train_config(config)  # before joining other processes (build_step checks it too)
+    maybe_initialize_distributed(config.distributed)
+    step = build_step(config, devices)
+    source = data_source if data_source is not None else input_pipeline.open_source(config.data.store)
+    name = config.data.store or type(source).__name__
+    config.data.latent_size = _check_latents(source, name, step.model_cfg, step.data_cfg)
+    _adopt_normalization(config, source, name)
+    rows = input_pipeline.process_rows(step.batch_shardings["latents"], step.global_batch)
+    dataset = input_pipeline.make_dataset(source, step.data_cfg, rows=rows, name=name,
+                                          conditions=step.model_cfg.conditions)
+    return Setup(**{f.name: getattr(step, f.name) for f in dataclasses.fields(step)},
+                 dataset=dataset)
 
 
 def initial_state(run: Setup, ckpt: ckpt_lib.TrainCheckpointer, data_iter, *,
@@ -475,15 +517,16 @@ def train(config, workdir: str, data_source=None, *, on_step=None, devices=None,
     except BaseException:
         ckpt.close()
         raise
-    writer = MetricsWriter(workdir, bool(config.train.tensorboard), start)
+    loop, saving = run.loop_cfg, CheckpointConfig.from_config(config.checkpoint)
+    writer = MetricsWriter(workdir, loop.tensorboard, start)
     if writer.enabled:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=list)
-    peak = float(config.train.peak_flops_per_device) or measure_peak_flops()
-    watch = PreemptionWatch(bool(config.checkpoint.save_on_preemption))
-    total, b = int(config.train.steps), run.global_batch
-    bar = _progress_bar(config, start, total)
-    interval, log_every = int(config.checkpoint.save_interval_steps), int(config.train.log_every)
+    peak = loop.peak_flops_per_device or measure_peak_flops()
+    watch = PreemptionWatch(saving.save_on_preemption)
+    total, b = loop.steps, run.global_batch
+    bar = _progress_bar(loop, start, total)
+    interval, log_every = saving.save_interval_steps, loop.log_every
     last, preempted, step = {}, False, start
     last_finite = start  # the newest step whose whole state was checked finite (saves check it)
     t_last, step_last, seq_len = time.perf_counter(), start, None
@@ -552,8 +595,8 @@ def _stop_non_finite(what: str, last_finite: int, ckpt: ckpt_lib.TrainCheckpoint
         f"{ckpt.directory}")
 
 
-def _progress_bar(config, start: int, total: int):
-    if not (config.train.progress_bar and jax.process_index() == 0 and sys.stderr.isatty()):
+def _progress_bar(loop: LoopConfig, start: int, total: int):
+    if not (loop.progress_bar and jax.process_index() == 0 and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)

@@ -27,12 +27,14 @@ import jax
 import numpy as np
 
 from vgpt_jax import layout as layout_lib
+from vgpt_jax.config import DataConfig
 
 log = logging.getLogger(__name__)
 
 
 def min_video_frames(data_cfg) -> int:
-    return (int(data_cfg.num_frames) - 1) * int(data_cfg.stride_min) + 1
+    d = DataConfig.from_config(data_cfg)
+    return (d.num_frames - 1) * d.stride_min + 1
 
 
 def sample_frames(latents_Thwc: np.ndarray, data_cfg, rng: np.random.Generator) -> np.ndarray:
@@ -42,10 +44,11 @@ def sample_frames(latents_Thwc: np.ndarray, data_cfg, rng: np.random.Generator) 
 
 def sample_frame_indices(t: int, data_cfg, rng: np.random.Generator) -> np.ndarray:
     """The indices [N] of N evenly strided frames of a T-frame video, from a random start."""
-    n = int(data_cfg.num_frames)
+    d = DataConfig.from_config(data_cfg)
+    n = d.num_frames
     if n == 1:
         return np.asarray([rng.integers(0, t)])
-    lo, hi = int(data_cfg.stride_min), min(int(data_cfg.stride_max), (t - 1) // (n - 1))
+    lo, hi = d.stride_min, min(d.stride_max, (t - 1) // (n - 1))
     if hi < lo:
         raise ValueError(f"video of {t} frames is too short for {n} frames at stride {lo}")
     stride = lo if hi == lo else int(rng.integers(lo, hi + 1))
@@ -113,7 +116,8 @@ class _Sample:
     conditions the model needs from the record's `extra` (`conditioning.record_conditions`):
     class_id [] int32, actions [N, A] float32 (the sampled frames' actions)."""
 
-    def __init__(self, data_cfg, latent_hwc: tuple[int, ...], name: str, conditions=None):
+    def __init__(self, data_cfg: DataConfig, latent_hwc: tuple[int, ...], name: str,
+                 conditions=None):
         self.data_cfg, self.latent_hwc, self.name = data_cfg, tuple(latent_hwc), name
         self.conditions = conditions
 
@@ -149,25 +153,26 @@ def make_dataset(source, data_cfg, *, rows: tuple[int, int] | None = None,
                  name: str = "data source", conditions=None) -> grain.IterDataset:
     """Batches {latents [n, N, h, w, C], clip_ids [n, N]} of this process's rows [lo, hi) of each
     global batch (all rows when `rows` is None); with `conditions` (the model's
-    `ConditionConfig`), also class_id [n] / actions [n, N, A] as it needs."""
-    b = int(data_cfg.global_batch_size)
+    `ConditionConfig`), also class_id [n] / actions [n, N, A] as it needs. `data_cfg`: the
+    `data` section (a ConfigDict or `config.DataConfig`)."""
+    data_cfg = DataConfig.from_config(data_cfg)
+    b = data_cfg.global_batch_size
     lo, hi = rows if rows is not None else (0, b)
     if len(source) == 0:
         raise ValueError(f"{name}: empty (no videos)")
     keep = eligible_indices(source, data_cfg, name)
     first = np.asarray(source[int(keep[0])]["latents"])
-    ds = grain.MapDataset.source(_Subset(source, keep)).seed(int(data_cfg.seed))
+    ds = grain.MapDataset.source(_Subset(source, keep)).seed(data_cfg.seed)
     if data_cfg.shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(None).random_map(_Sample(data_cfg, first.shape[1:], name, conditions))
     ds = _Rows(ds, b, lo, hi - lo).batch(hi - lo, drop_remainder=True)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads),
-                                              prefetch_buffer_size=int(data_cfg.prefetch_buffer_size)))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads,
+                                              prefetch_buffer_size=data_cfg.prefetch_buffer_size))
     if data_cfg.worker_count > 0:
         _allow_grain_workers()
         it = it.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=int(data_cfg.worker_count),
-            per_worker_buffer_size=int(data_cfg.worker_buffer_size)))
+            num_workers=data_cfg.worker_count, per_worker_buffer_size=data_cfg.worker_buffer_size))
     return it
 
 
