@@ -390,6 +390,9 @@ def build(config, data_source=None, devices=None) -> Setup:
         batch_sh["class_id"] = shard_lib.batch_sharding(mesh, rules, 1)
     if conditions.action_dim:
         batch_sh["actions"] = shard_lib.batch_sharding(mesh, rules, 3)
+    if conditions.text_dim:
+        batch_sh["text"] = shard_lib.batch_sharding(mesh, rules, 3)
+        batch_sh["text_mask"] = shard_lib.batch_sharding(mesh, rules, 2)
     rows = input_pipeline.process_rows(batch_sh["latents"], b)
     dataset = input_pipeline.make_dataset(source, config.data, rows=rows, name=name,
                                           conditions=model_cfg.conditions)
