@@ -41,6 +41,9 @@ EXTRAS = {
     "tfds": ["tensorflow-datasets>=4.9"],
     # Latent ingestion as an Apache Beam pipeline (`vgpt prepare --runner beam`; docs/ingestion.md).
     "beam": ["apache-beam>=2.60"],
+    # Text conditions: a frozen T5 / CLIP text encoder embeds captions at ingestion
+    # (`vgpt prepare --text-encoder`, the text_to_video recipe; docs/conditioning.md).
+    "text": ["torch", "transformers"],
     # TPU compiler, for the pod planner and TPU runs.
     "tpu": ["jax[tpu]"],
 }
