@@ -15,7 +15,8 @@
     vgpt probe            linear probes on stored features: top-1 per label, layer/pool sweep
     vgpt retrieval        video-to-video retrieval by cosine similarity: R@1/5/10, median rank
     vgpt segment-finetune fine-tune to render segmentation masks as video; J and F per frame
-    vgpt recipe           class-to-video, action-conditioned prediction, image animation
+    vgpt recipe           class-to-video, text-to-video, action-conditioned prediction, animation
+    vgpt export-lora      a LoRA fine-tune's adapters alone, or merged into a plain export
 
 `vgpt <command> --help` lists a command's options. An error prints one line; `--debug`
 (anywhere on the command line) or VGPT_DEBUG=1 prints its traceback instead.
@@ -43,6 +44,7 @@ COMMANDS = {
     "retrieval": "vgpt_jax.commands.retrieval",
     "segment-finetune": "vgpt_jax.commands.segment_finetune",
     "recipe": "vgpt_jax.recipes",
+    "export-lora": "vgpt_jax.commands.export_lora",
 }
 # `vgpt eval physics-iq ...` scores videos, not a checkpoint: it is `vgpt physics-iq score ...`.
 ALIASES = {("eval", "physics-iq"): ("physics-iq", "score")}

@@ -125,6 +125,7 @@ def text_encoder_for(cfg, workdir: str):
         if not os.path.exists(os.path.join(path, "config.json")):
             text_encoder.make_tiny_encoder(path, CAPTION_WORDS, dim=int(cfg.text.tiny_dim))
     encoder = text_encoder.load(path, int(cfg.text.max_tokens))
+    cfg.text.encoder = os.path.abspath(path) if os.path.isdir(path) else path  # for vgpt sample
     cfg.model.conditions.text_dim = encoder.dim
     cfg.model.conditions.text_tokens = int(cfg.text.max_tokens)
     return encoder

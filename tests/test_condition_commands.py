@@ -1,0 +1,80 @@
+"""`vgpt sample --class / --actions / --caption` and `vgpt export-lora`: the commands wrap the
+library (sample_video with conditions; finetune's exports) and refuse bad input in one line."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from test_sampling import random_model
+from vgpt_jax import checkpoint
+from vgpt_jax.data import video_io
+
+from vgpt_jax.commands import sample as sample_tool
+
+PX = 8
+
+
+@pytest.fixture(scope="module")
+def conditioned_export(tmp_path_factory):
+    model = random_model(seed=5, latent_channels=12,
+                         conditions=dict(num_classes=3, action_dim=2))
+    config = ml_collections.ConfigDict({
+        "model": dataclasses.asdict(model.cfg),
+        "latent_space": {"kind": "space_to_depth", "downsample": 2}})
+    return checkpoint.export_model(str(tmp_path_factory.mktemp("export")), model, config)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    pixels = np.random.default_rng(0).integers(0, 256, (4, PX, PX, 3), dtype=np.uint8)
+    return video_io.write_video(str(tmp_path_factory.mktemp("in") / "in.mp4"), pixels, fps=8.0)
+
+
+def sample_argv(export, video, out, *extra):
+    return ["--checkpoint", export, "--input", video, "--output", out, "--frame-stride", "1",
+            "--context-frames", "2", "--clip-sizes", "1", "1", "--steps", "2", "--window", "4",
+            "--no-progress", *extra]
+
+
+def test_sample_takes_a_class_and_actions(conditioned_export, video, tmp_path):
+    actions = tmp_path / "actions.npy"
+    np.save(actions, np.random.default_rng(1).standard_normal((4, 2)).astype(np.float32))
+    outs = {}
+    for k in (0, 2):
+        out = str(tmp_path / f"class{k}.mp4")
+        assert sample_tool.main(sample_argv(conditioned_export, video, out, "--class", str(k),
+                                            "--actions", str(actions),
+                                            "--condition-guidance", "2.0")) == 0
+        outs[k], _ = video_io.read_video(out)
+    assert outs[0].shape == (2, PX, PX, 3)
+    assert np.abs(outs[0].astype(int) - outs[2]).max() > 0   # the class reaches the video
+    json_actions = tmp_path / "actions.json"
+    json_actions.write_text(json.dumps(np.load(actions).tolist()))
+    out = str(tmp_path / "json.mp4")
+    assert sample_tool.main(sample_argv(conditioned_export, video, out, "--class", "0",
+                                        "--actions", str(json_actions),
+                                        "--condition-guidance", "2.0")) == 0
+    np.testing.assert_array_equal(video_io.read_video(out)[0], outs[0])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--class", "7", "--actions", "ACTIONS"], "--class: class 7 outside"),
+    (["--actions", "ACTIONS"], "--class: missing"),
+    (["--class", "0"], "--actions: missing"),
+    (["--class", "0", "--actions", "SHORT"], "3 frames; the context"),
+    (["--class", "0", "--actions", "missing.npy"], "no such file"),
+    (["--class", "0", "--caption", "a ball"], "--caption: the model has no text"),
+    (["--condition-guidance", "2"], "--condition-guidance needs"),
+])
+def test_sample_refuses_bad_conditions(conditioned_export, video, tmp_path, extra, message):
+    np.save(tmp_path / "a.npy", np.zeros((4, 2), np.float32))
+    np.save(tmp_path / "short.npy", np.zeros((3, 2), np.float32))
+    extra = [{"ACTIONS": str(tmp_path / "a.npy"), "SHORT": str(tmp_path / "short.npy")}.get(e, e)
+             for e in extra]
+    with pytest.raises(ValueError, match=message):
+        sample_tool.main(sample_argv(conditioned_export, video, str(tmp_path / "o.mp4"), *extra))
