@@ -44,6 +44,8 @@ EXTRAS = {
     # Text conditions: a frozen T5 / CLIP text encoder embeds captions at ingestion
     # (`vgpt prepare --text-encoder`, the text_to_video recipe; docs/conditioning.md).
     "text": ["torch", "transformers"],
+    # Atari episodes with actions (`vgpt make-atari`, the atari_actions recipe): ale-py ships the ROMs.
+    "atari": ["ale-py"],
     # TPU compiler, for the pod planner and TPU runs.
     "tpu": ["jax[tpu]"],
 }

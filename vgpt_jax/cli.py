@@ -2,6 +2,7 @@
 
     vgpt demo             the main job: physics world -> latents -> training -> evaluation
     vgpt make-physics     write physics-world videos to a folder
+    vgpt make-atari       record Atari episodes (frames + actions) into a latent store
     vgpt prepare          encode a folder of videos into a latent store (resumable)
     vgpt train-vae        train a small AutoencoderKL on your frames
     vgpt train            train Video-GPT from a config file (resumable, sharded)
@@ -31,6 +32,7 @@ import sys
 COMMANDS = {
     "demo": "vgpt_jax.commands.demo",
     "make-physics": "vgpt_jax.commands.make_physics_videos",
+    "make-atari": "vgpt_jax.commands.make_atari",
     "prepare": "vgpt_jax.commands.prepare_latents",
     "train-vae": "vgpt_jax.commands.train_vae",
     "train": "vgpt_jax.commands.train",

@@ -4,6 +4,7 @@
     vgpt recipe text_to_video     --workdir runs/text       # a caption -> a video
     vgpt recipe action_prediction --workdir runs/action     # frames + pushes -> next frames
     vgpt recipe image_animation   --workdir runs/animate    # one frame -> a video
+    vgpt recipe atari_actions     --workdir runs/atari      # Atari frames + actions -> next frames
 
 Each recipe simulates its world, ingests it into a latent store (conditions in each record's
 `extra`: `class_id`, per-frame `actions`, `caption` + its `text` embeddings), trains (`train.train`; `init_from` fine-tunes an
@@ -22,6 +23,8 @@ export instead, e.g. the demo's `runs/demo/model`), and measures what its condit
   copying the last frame, and the one-step x1 error at t = 0.5 of each predicted frame (one
   frame per clip, the same noise draws for both). A model that uses its actions is better with
   the true ones;
+- atari_actions: action_prediction's measurements on Atari episodes (`data.atari`, the `atari`
+  extra: ale-py and its ROMs; a random policy, the one-hot action before each frame);
 - image_animation: one frame in, `predict_frames` out (clip mode "first_frame": the first
   frame is the context of one clip); latent MSE against copying the frame.
 
@@ -38,7 +41,8 @@ import time
 import ml_collections
 import numpy as np
 
-RECIPES = ("class_to_video", "text_to_video", "action_prediction", "image_animation")
+RECIPES = ("class_to_video", "text_to_video", "action_prediction", "image_animation",
+           "atari_actions")
 NUMBERS = ("no", "one", "two", "three", "four", "five")
 COLOR_NAMES = ("red", "yellow", "green", "cyan", "blue", "magenta")
 CAPTION_WORDS = (*NUMBERS, "ball", "balls", ",", "the", "moves", "left", "right", *COLOR_NAMES)
@@ -84,6 +88,12 @@ def recipe_config(name: str, size: str = "default") -> ml_collections.ConfigDict
         w.push_speed, w.push_prob = 1.0, 0.5
         cc["action_dim"] = ACTION_DIM
         cc["dropout"] = 0.0             # no action guidance: the actions are always given
+    elif name == "atari_actions":
+        w.frame_size, w.fps = 32, 15.0  # 160x210 screens at 32x32 px, every 4th emulator frame
+        w.num_train_videos = 256 if size == "default" else 4
+        cfg.atari = ml_collections.ConfigDict(dict(game="breakout", frame_skip=4, hold=4.0))
+        cc["action_dim"] = 4            # breakout's minimal action set; `run` sets the game's
+        cc["dropout"] = 0.0
     else:
         w.max_balls = 2
         cfg.data.clip_mode = "first_frame"
@@ -139,6 +149,13 @@ def _world(cfg, split: str, count: int, encoder=None):
     world = pw.WorldConfig(size=w.frame_size, fps=w.fps, scenarios=("balls",),
                            min_balls=w.min_balls, max_balls=w.max_balls,
                            min_radius=w.min_radius, max_radius=w.max_radius)
+    if cfg.recipe == "atari_actions":
+        from vgpt_jax.data import atari
+        a = cfg.atari
+        episodes = atari.record_episodes(a.game, count, w.num_frames, w.frame_size, w.seed,
+                                         split, int(a.frame_skip), float(a.hold))
+        cfg.model.conditions.action_dim = int(episodes[0].actions.shape[1])
+        return episodes, [{"actions": e.actions.tolist()} for e in episodes]
     if cfg.recipe == "action_prediction":
         pushed = action_world.make_dataset(count, w.num_frames, w.frame_size, w.seed, split,
                                            world, w.push_speed, w.push_prob)
