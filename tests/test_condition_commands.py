@@ -2,16 +2,12 @@
 library (sample_video with conditions; finetune's exports) and refuse bad input in one line."""
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 
-import ml_collections
 import numpy as np
 import pytest
 
-from test_sampling import random_model
-from vgpt_jax import checkpoint
+from test_pipeline import export_random
 from vgpt_jax.data import video_io
 
 from vgpt_jax.commands import sample as sample_tool
@@ -21,12 +17,8 @@ PX = 8
 
 @pytest.fixture(scope="module")
 def conditioned_export(tmp_path_factory):
-    model = random_model(seed=5, latent_channels=12,
+    return export_random(str(tmp_path_factory.mktemp("export")),
                          conditions=dict(num_classes=3, action_dim=2))
-    config = ml_collections.ConfigDict({
-        "model": dataclasses.asdict(model.cfg),
-        "latent_space": {"kind": "space_to_depth", "downsample": 2}})
-    return checkpoint.export_model(str(tmp_path_factory.mktemp("export")), model, config)
 
 
 @pytest.fixture(scope="module")

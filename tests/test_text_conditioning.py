@@ -12,11 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 pytest.importorskip("transformers")
 
-from test_conditioning import F, H, W, random_state  # noqa: E402
+from test_conditioning import F, H, W, pair  # noqa: E402
 
 from vgpt_jax import conditioning, diffusion, sampling, text_encoder  # noqa: E402
 from vgpt_jax.config import ModelConfig, block_len_for, get_model_config  # noqa: E402
@@ -32,24 +31,17 @@ def encoder(tmp_path_factory):
     return text_encoder.load(path, TOKENS)
 
 
-def model_config(text: bool) -> ModelConfig:
+def model_config() -> ModelConfig:
+    """The tiny model with text (and a class, so that text and class tokens mix)."""
     cfg = get_model_config("tiny")
     cfg.attention.impl = "dense"
-    if text:
-        cfg.conditions = dict(text_dim=DIM, text_tokens=TOKENS, num_classes=2)
+    cfg.conditions = dict(text_dim=DIM, text_tokens=TOKENS, num_classes=2)
     return ModelConfig.from_config(cfg)
 
 
 def text_pair(gate: float):
     """(base, text model): shared base parameters, random text paths, gates at `gate`."""
-    graphdef, base_state = random_state(model_config(False), 0)
-    cgraph, cstate = random_state(model_config(True), 1)
-    params = cstate.to_pure_dict()
-    params.update({k: v for k, v in base_state.to_pure_dict().items() if k != "decoder"})
-    params["decoder"].update(base_state.to_pure_dict()["decoder"])
-    params["decoder"]["condition_gate"] = jnp.full_like(params["decoder"]["condition_gate"], gate)
-    cstate.replace_by_pure_dict(params)
-    return nnx.merge(graphdef, base_state), nnx.merge(cgraph, cstate)
+    return pair(gate, conditioned=model_config())
 
 
 def inputs(seed=0):
@@ -152,7 +144,7 @@ def test_store_records_carry_text_and_the_pipeline_pads_it(encoder, tmp_path):
     data_cfg = get_train_config().data
     data_cfg.update(global_batch_size=2, num_frames=4, stride_min=1, stride_max=1,
                     shuffle=False, read_threads=1, prefetch_buffer_size=1)
-    cc = model_config(True).conditions
+    cc = model_config().conditions
     with pytest.raises(ValueError, match="no class_id"):
         next(iter(make_dataset(store, data_cfg, conditions=cc)))
     cc = type(cc)(text_dim=DIM, text_tokens=TOKENS)
