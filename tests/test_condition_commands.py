@@ -3,6 +3,7 @@ library (sample_video with conditions; finetune's exports) and refuse bad input 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -70,3 +71,25 @@ def test_sample_refuses_bad_conditions(conditioned_export, video, tmp_path, extr
              for e in extra]
     with pytest.raises(ValueError, match=message):
         sample_tool.main(sample_argv(conditioned_export, video, str(tmp_path / "o.mp4"), *extra))
+
+
+def test_sample_takes_a_caption(video, tmp_path):
+    """--caption embeds with --text-encoder (or the export's text.encoder) and samples."""
+    pytest.importorskip("transformers")
+    from vgpt_jax import checkpoint, text_encoder
+    encoder = text_encoder.make_tiny_encoder(str(tmp_path / "enc"), ("two", "balls"), dim=16)
+    export = export_random(str(tmp_path / "export"), conditions=dict(text_dim=16, text_tokens=4))
+    config = checkpoint.read_config(export)
+    config.text = {"encoder": encoder}
+    with open(os.path.join(export, checkpoint.CONFIG_FILE), "w") as f:
+        json.dump(config.to_dict(), f)
+    outs = []
+    for caption in ("two balls", "balls balls two"):
+        out = str(tmp_path / f"{len(outs)}.mp4")
+        assert sample_tool.main(sample_argv(export, video, out, "--caption", caption)) == 0
+        outs.append(video_io.read_video(out)[0].astype(int))
+    assert np.abs(outs[0] - outs[1]).max() > 0
+    with pytest.raises(ValueError, match="--text-encoder needs --caption"):
+        sample_tool.main(sample_argv(export, video, out, "--text-encoder", encoder))
+    with pytest.raises(ValueError, match="--class: given, but the model has no such"):
+        sample_tool.main(sample_argv(export, video, out, "--class", "0"))
