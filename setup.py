@@ -41,6 +41,11 @@ EXTRAS = {
     "tfds": ["tensorflow-datasets>=4.9"],
     # Latent ingestion as an Apache Beam pipeline (`vgpt prepare --runner beam`; docs/ingestion.md).
     "beam": ["apache-beam>=2.60"],
+    # Text conditions: a frozen T5 / CLIP text encoder embeds captions at ingestion
+    # (`vgpt prepare --text-encoder`, the text_to_video recipe; docs/conditioning.md).
+    "text": ["torch", "transformers"],
+    # Atari episodes with actions (`vgpt make-atari`, the atari_actions recipe): ale-py ships the ROMs.
+    "atari": ["ale-py"],
     # TPU compiler, for the pod planner and TPU runs.
     "tpu": ["jax[tpu]"],
 }

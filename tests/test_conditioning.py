@@ -39,11 +39,12 @@ def random_state(model_cfg: ModelConfig, seed: int):
         lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape, np.float32)), state)
 
 
-def pair(gate: float = 0.5, **changes):
+def pair(gate: float = 0.5, conditioned: ModelConfig | None = None, **changes):
     """(base model, conditioned model): the same base parameters, random condition paths, the
-    condition gates set to `gate`."""
+    condition gates set to `gate`. `conditioned`: the conditioned model's config (default: a
+    class and actions)."""
     graphdef, base_state = random_state(model_config(False, **changes), 0)
-    cgraph, cstate = random_state(model_config(True, **changes), 1)
+    cgraph, cstate = random_state(conditioned or model_config(True, **changes), 1)
     params = cstate.to_pure_dict()
     params.update({k: v for k, v in base_state.to_pure_dict().items() if k != "decoder"})
     params["decoder"].update(base_state.to_pure_dict()["decoder"])

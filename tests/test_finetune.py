@@ -143,3 +143,32 @@ def test_init_from_refuses_unknown_new_parameters(pretrained):
     run = train.build(cfg, conditioned_source())
     with pytest.raises(ValueError, match="mismatched shapes|does not match"):
         finetune.pretrained_params(where, run.model_cfg, run.init().params, None)
+
+
+def test_export_lora_command(pretrained, lora_run, tmp_path):
+    """`vgpt export-lora`: adapters alone from a fine-tune's export, merged from it or from
+    base + adapters (the same kernels), and one-line refusals."""
+    from vgpt_jax.commands import export_lora
+    where, _ = pretrained
+    cfg, _, tuned_params = lora_run
+    tuned = checkpoint.export_model(str(tmp_path / "tuned"), model_of(cfg, tuned_params), cfg)
+    run = lambda *a: export_lora.main([*a])
+    assert run("--checkpoint", tuned, "--output", str(tmp_path / "ad")) == 0
+    assert run("--checkpoint", tuned, "--output", str(tmp_path / "m1"), "--merge") == 0
+    assert run("--base", where, "--adapters", str(tmp_path / "ad"), "--output",
+               str(tmp_path / "m2"), "--merge") == 0
+    m1, c1 = checkpoint.load_model(str(tmp_path / "m1"))
+    m2, _ = checkpoint.load_model(str(tmp_path / "m2"))
+    assert c1.model.lora.rank == 0
+    p1, p2 = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (m1, m2))
+    jax.tree.map(np.testing.assert_array_equal, p1, p2)
+    with pytest.raises(ValueError, match="--merge: the model has no LoRA"):
+        run("--checkpoint", where, "--output", str(tmp_path / "x"), "--merge")
+    with pytest.raises(ValueError, match="no LoRA adapters or condition parameters"):
+        run("--checkpoint", where, "--output", str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="already holds an export"):
+        run("--checkpoint", tuned, "--output", str(tmp_path / "m1"))
+    with pytest.raises(ValueError, match="--base and --adapters go together"):
+        run("--base", where, "--output", str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="no adapters/ folder"):
+        run("--base", where, "--adapters", where, "--output", str(tmp_path / "x"))

@@ -20,13 +20,18 @@ PX = 8            # 8x8 RGB frames -> SpaceToDepth(2) latents 4x4x12 -> 2x2 patc
 FAST = dict(steps=2, window=6)
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    model = random_model(seed=5, latent_channels=12)
+def export_random(where: str, **changes) -> str:
+    """A random tiny model over SpaceToDepth(2) latents, exported to `where`."""
+    model = random_model(seed=5, latent_channels=12, **changes)
     config = ml_collections.ConfigDict({
         "model": dataclasses.asdict(model.cfg),
         "latent_space": {"kind": "space_to_depth", "downsample": 2}})
-    return checkpoint.export_model(str(tmp_path_factory.mktemp("export")), model, config)
+    return checkpoint.export_model(where, model, config)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return export_random(str(tmp_path_factory.mktemp("export")))
 
 
 @pytest.fixture(scope="module")

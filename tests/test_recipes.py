@@ -42,15 +42,31 @@ def test_ball_counter_reads_the_true_videos():
 
 @pytest.mark.parametrize("name", recipes.RECIPES)
 def test_recipe_runs_end_to_end(name, tmp_path):
+    if name == "atari_actions":  # the atari extra (ale-py); CI installs test,eval,tpu only
+        pytest.importorskip("ale_py")
     report = recipes.run(recipes.recipe_config(name, "quick"), str(tmp_path))
     assert report["steps"] == 2 and np.isfinite(report["final_loss"])
-    keys = {"class_to_video": ("class_accuracy", "unconditional_accuracy"),
+    actions = ("mse_true_actions", "mse_shuffled_actions", "copy_last_mse",
+               "denoising_error_true_actions", "denoising_error_shuffled_actions")
+    keys = {"atari_actions": actions, "class_to_video": ("class_accuracy", "unconditional_accuracy"),
             "action_prediction": ("mse_true_actions", "mse_shuffled_actions", "copy_last_mse",
                                   "denoising_error_true_actions",
                                   "denoising_error_shuffled_actions"),
-            "image_animation": ("mse", "copy_frame_mse")}[name]
+            "image_animation": ("mse", "copy_frame_mse"),
+            "text_to_video": ("count_accuracy", "unconditional_count_accuracy")}[name]
     assert all(np.isfinite(report[k]) for k in keys)
     assert (tmp_path / "report.json").exists() and (tmp_path / "model" / "config.json").exists()
+
+
+def test_captions_follow_the_simulator():
+    clips = pw.make_dataset(6, 8, 32, seed=0, config=pw.WorldConfig(scenarios=("balls",),
+                                                                       max_balls=3), num_takes=1)
+    for c in clips:
+        text = recipes.caption(c)
+        assert recipes.caption_count(text) == len(c.radii)
+        assert ("left" in text) == (c.positions[-1, 0, 0] < c.positions[0, 0, 0])
+        assert set(text.replace(",", " ,").split()) <= set(recipes.CAPTION_WORDS)
+    assert recipes.color_name((255, 70, 70)) == "red" and recipes.color_name((70, 70, 255)) == "blue"
 
 
 def test_bad_recipe_names_the_field():

@@ -2,6 +2,7 @@
 
     vgpt demo             the main job: physics world -> latents -> training -> evaluation
     vgpt make-physics     write physics-world videos to a folder
+    vgpt make-atari       record Atari episodes (frames + actions) into a latent store
     vgpt prepare          encode a folder of videos into a latent store (resumable)
     vgpt train-vae        train a small AutoencoderKL on your frames
     vgpt train            train Video-GPT from a config file (resumable, sharded)
@@ -15,7 +16,8 @@
     vgpt probe            linear probes on stored features: top-1 per label, layer/pool sweep
     vgpt retrieval        video-to-video retrieval by cosine similarity: R@1/5/10, median rank
     vgpt segment-finetune fine-tune to render segmentation masks as video; J and F per frame
-    vgpt recipe           class-to-video, action-conditioned prediction, image animation
+    vgpt recipe           class-to-video, text-to-video, action-conditioned prediction, animation
+    vgpt export-lora      a LoRA fine-tune's adapters alone, or merged into a plain export
 
 `vgpt <command> --help` lists a command's options. An error prints one line; `--debug`
 (anywhere on the command line) or VGPT_DEBUG=1 prints its traceback instead.
@@ -30,6 +32,7 @@ import sys
 COMMANDS = {
     "demo": "vgpt_jax.commands.demo",
     "make-physics": "vgpt_jax.commands.make_physics_videos",
+    "make-atari": "vgpt_jax.commands.make_atari",
     "prepare": "vgpt_jax.commands.prepare_latents",
     "train-vae": "vgpt_jax.commands.train_vae",
     "train": "vgpt_jax.commands.train",
@@ -43,6 +46,7 @@ COMMANDS = {
     "retrieval": "vgpt_jax.commands.retrieval",
     "segment-finetune": "vgpt_jax.commands.segment_finetune",
     "recipe": "vgpt_jax.recipes",
+    "export-lora": "vgpt_jax.commands.export_lora",
 }
 # `vgpt eval physics-iq ...` scores videos, not a checkpoint: it is `vgpt physics-iq score ...`.
 ALIASES = {("eval", "physics-iq"): ("physics-iq", "score")}

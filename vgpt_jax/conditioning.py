@@ -1,9 +1,10 @@
-"""Condition tokens: a class per video (global) and an action per frame (per-frame), embedded
-as tokens beside the frame blocks (`layout.ConditionLayout`, the rule in `attention.visible`).
+"""Condition tokens: a class per video and text tokens (global), an action per frame
+(per-frame), embedded as tokens beside the frame blocks (`layout.ConditionLayout`, the rule in
+`attention.visible`).
 
 `Conditions` is what a caller gives the model: the raw condition values and their layout. The
-model embeds them (`ConditionEmbed`: a class table, a linear map of the action vector, each with
-a learned type embedding) and runs them through the decoder as a stream of their own: condition
+model embeds them (`ConditionEmbed`: a class table, a linear map of the action vector, a linear
+projection of a frozen text encoder's embeddings, each with a learned type embedding) and runs them through the decoder as a stream of their own: condition
 tokens attend to condition tokens only, and frame tokens add a gated attention to them
 (`attention.condition_attention`; the gates start at zero). Dropping a condition marks its token
 invalid, so a video with every condition dropped sees no condition key and is computed exactly
@@ -32,11 +33,14 @@ class ConditionParam(nnx.Param):
 @flax.struct.dataclass
 class Conditions:
     """Condition values and their token layout. `class_id` [B] int32 (the model has classes),
-    `actions` [B, F', A] float32 (the model has actions: one per per-frame token of `layout`,
-    in its order), `layout` [B, C] with C = (1 if classes) + (F' if actions)."""
+    `text` [B, N, text_dim] float32 (the model has text: N = `text_tokens` embeddings, padding
+    marked invalid in `layout`), `actions` [B, F', A] float32 (the model has actions: one per
+    per-frame token of `layout`, in its order), `layout` [B, C] with C = (1 if classes) +
+    (N if text) + (F' if actions), in that order."""
     layout: layout_lib.ConditionLayout
     class_id: jax.Array | None = None
     actions: jax.Array | None = None
+    text: jax.Array | None = None
 
     def dropped(self, drop_B) -> "Conditions":
         """The same conditions with video b's all invalid where `drop_B[b]`."""
@@ -45,21 +49,34 @@ class Conditions:
 
 
 def make_conditions(cfg: ModelConfig, frame_BF, position_BF, block_len: int, *, class_id=None,
-                    actions=None) -> Conditions | None:
+                    actions=None, text=None, text_mask=None) -> Conditions | None:
     """The model's conditions over frames `frame_BF` (RoPE slots `position_BF`), or None when
-    none are given (the unconditioned model). `class_id` [B] and `actions` [B, F, A] (one per
-    frame of `frame_BF`): given at all, each kind the model has is required and no other;
+    none are given (the unconditioned model). `class_id` [B], `text` [B, text_tokens, text_dim]
+    (`text_mask` [B, text_tokens]: its real tokens, default all) and `actions` [B, F, A] (one
+    per frame of `frame_BF`): given at all, each kind the model has is required and no other;
     errors name the missing or extra input."""
     cc = cfg.conditions
-    if class_id is None and actions is None:
+    if class_id is None and actions is None and text is None:
         return None
     frame = jnp.asarray(frame_BF, jnp.int32)
     b, f = frame.shape
-    check_kinds(cc, class_id, actions)
+    check_kinds(cc, class_id, actions, text)
+    global_valid = [jnp.ones((b, 1), bool)] if class_id is not None else []
     if class_id is not None:
         class_id = jnp.asarray(class_id, jnp.int32)
         if class_id.shape != (b,):
             raise ValueError(f"class_id: shape {class_id.shape}, expected [batch] = ({b},)")
+    if text is not None:
+        text = jnp.asarray(text, jnp.float32)
+        if text.shape != (b, cc.text_tokens, cc.text_dim):
+            raise ValueError(f"text: shape {text.shape}, expected [batch, text_tokens, "
+                             f"text_dim] = {(b, cc.text_tokens, cc.text_dim)}")
+        mask = (jnp.ones((b, cc.text_tokens), bool) if text_mask is None
+                else jnp.asarray(text_mask, bool))
+        if mask.shape != (b, cc.text_tokens):
+            raise ValueError(f"text_mask: shape {mask.shape}, expected [batch, text_tokens] = "
+                             f"{(b, cc.text_tokens)}")
+        global_valid.append(mask)
     if actions is not None:
         actions = jnp.asarray(actions, jnp.float32)
         if actions.shape != (b, f, cc.action_dim):
@@ -67,16 +84,20 @@ def make_conditions(cfg: ModelConfig, frame_BF, position_BF, block_len: int, *, 
                              f"action_dim] = {(b, f, cc.action_dim)}")
     else:
         frame, position_BF = frame[:, :0], jnp.asarray(position_BF)[:, :0]
+    global_valid = (jnp.concatenate(global_valid, axis=1) if global_valid
+                    else jnp.ones((b, 0), bool))
     layout = layout_lib.condition_layout(frame, position_BF, block_len,
-                                         num_global=int(cc.num_classes > 0))
-    return Conditions(layout, class_id, actions)
+                                         num_global=global_valid.shape[1],
+                                         global_valid_B=global_valid)
+    return Conditions(layout, class_id, actions, text)
 
 
-def check_kinds(cc, class_id, actions) -> None:
+def check_kinds(cc, class_id, actions, text=None) -> None:
     """Given any conditions, each kind the model (`cc`: its `ConditionConfig`) has is required
     and no other; the error names the missing or extra input."""
     for name, given, needed in (("class_id", class_id, cc.num_classes > 0),
-                                ("actions", actions, cc.action_dim > 0)):
+                                ("actions", actions, cc.action_dim > 0),
+                                ("text", text, cc.text_dim > 0)):
         if needed and given is None:
             raise ValueError(f"{name}: missing; the model is conditioned on it ({cc})")
         if given is not None and not needed:
@@ -109,11 +130,20 @@ class ConditionEmbed(nnx.Module):
             self.action_type = param((d,), ("embed",))
         else:
             self.action_kernel = self.action_type = None
+        if cc.text_dim:  # a projection of the frozen encoder's embeddings into the model width
+            self.text_kernel = param((cc.text_dim, d), (None, "embed"),
+                                     nnx.initializers.lecun_normal())
+            self.text_type = param((d,), ("embed",))
+        else:
+            self.text_kernel = self.text_type = None
 
     def __call__(self, cond: Conditions, dtype) -> jax.Array:
         tokens = []
         if self.classes is not None:
             tokens.append(self.classes[...].astype(dtype)[cond.class_id][:, None])
+        if self.text_kernel is not None:
+            t = cond.text.astype(dtype) @ self.text_kernel[...].astype(dtype)
+            tokens.append(t + self.text_type[...].astype(dtype))
         if self.action_kernel is not None:
             a = cond.actions.astype(dtype) @ self.action_kernel[...].astype(dtype)
             tokens.append(a + self.action_type[...].astype(dtype))
@@ -123,12 +153,13 @@ class ConditionEmbed(nnx.Module):
 def batch_conditions(cfg: ModelConfig, batch: dict, block_len: int, drop_rng=None,
                      dropout: float = 0.0) -> Conditions | None:
     """The conditions of a training batch ({latents [B, F, ...], class_id [B], actions
-    [B, F, A]}) over its frames 0..F-1, each video's dropped with probability `dropout` (one
+    [B, F, A], text [B, N, E], text_mask [B, N]}) over its frames 0..F-1, each video's dropped with probability `dropout` (one
     draw per video from `drop_rng`: the unconditional branch that guidance needs)."""
     b, f = batch["latents"].shape[:2]
     frames = jnp.broadcast_to(jnp.arange(f, dtype=jnp.int32), (b, f))
     cond = make_conditions(cfg, frames, frames, block_len, class_id=batch.get("class_id"),
-                           actions=batch.get("actions"))
+                           actions=batch.get("actions"), text=batch.get("text"),
+                           text_mask=batch.get("text_mask"))
     if cond is None or drop_rng is None or dropout == 0.0:
         return cond
     return cond.dropped(jax.random.bernoulli(drop_rng, dropout, (b,)))
@@ -136,8 +167,10 @@ def batch_conditions(cfg: ModelConfig, batch: dict, block_len: int, drop_rng=Non
 
 def record_conditions(record: dict, cc, frame_index, where: str) -> dict:
     """A store record's conditions for the sampled frames `frame_index` [N]: {class_id []
-    int32, actions [N, A] float32} as `cc` (a `ConditionConfig`) needs. They live in the
-    record's `extra`: `class_id` an int, `actions` one A-vector per stored frame."""
+    int32, actions [N, A] float32, text [text_tokens, text_dim] float32, text_mask
+    [text_tokens] bool} as `cc` (a `ConditionConfig`) needs. They live in the record's `extra`:
+    `class_id` an int, `actions` one A-vector per stored frame, `text` a packed embedding
+    (`text_encoder.pack`, written at ingestion)."""
     extra = record.get("extra") or {}
     source = record.get("source", "?")
     out = {}
@@ -156,4 +189,14 @@ def record_conditions(record: dict, cc, frame_index, where: str) -> dict:
                              f"the model needs one {cc.action_dim}-vector per frame "
                              f"({frames} frames)")
         out["actions"] = actions[np.asarray(frame_index)]
+    if cc.text_dim:
+        from vgpt_jax import text_encoder
+        if "text" not in extra:
+            raise ValueError(f"{where}: video {source!r} has no text embedding (the model has "
+                             f"conditions.text_dim={cc.text_dim}; ingest with a text encoder)")
+        emb = text_encoder.unpack(extra["text"])
+        if emb.shape[1] != cc.text_dim:
+            raise ValueError(f"{where}: video {source!r} has text embeddings of width "
+                             f"{emb.shape[1]}; the model has conditions.text_dim={cc.text_dim}")
+        out["text"], out["text_mask"] = text_encoder.pad(emb, cc.text_tokens)
     return out

@@ -57,10 +57,12 @@ class ConditionConfig:
     num_classes: int = 0     # > 0: one class token per video, a global condition
     action_dim: int = 0      # > 0: one action token per frame, a per-frame condition
     dropout: float = 0.1     # training: probability of dropping a video's conditions (guidance)
+    text_dim: int = 0        # > 0: text embeddings of this width (a frozen encoder's), global
+    text_tokens: int = 0     # with text_dim: text tokens per video (padded / truncated to this)
 
     @property
     def enabled(self) -> bool:
-        return self.num_classes > 0 or self.action_dim > 0
+        return self.num_classes > 0 or self.action_dim > 0 or self.text_dim > 0
 
 
 LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -167,8 +169,11 @@ class ModelConfig:
         need(self.attention.block_q > 0 and self.attention.block_kv > 0
              and self.attention.blockwise_tile > 0, "attention", "block sizes must be positive")
         cond, lora = self.conditions, self.lora
-        need(all(isinstance(v, int) and v >= 0 for v in (cond.num_classes, cond.action_dim)),
-             "conditions", "num_classes and action_dim must be integers >= 0")
+        need(all(isinstance(v, int) and v >= 0 for v in (cond.num_classes, cond.action_dim,
+                                                           cond.text_dim, cond.text_tokens)),
+             "conditions", "num_classes, action_dim, text_dim and text_tokens must be integers >= 0")
+        need((cond.text_dim > 0) == (cond.text_tokens > 0), "conditions",
+             "text_dim and text_tokens are given together")
         need(0.0 <= cond.dropout <= 1.0, "conditions", "dropout must lie in [0, 1]")
         need(isinstance(lora.rank, int) and lora.rank >= 0, "lora", "rank must be an integer >= 0")
         need(lora.alpha > 0, "lora", "alpha must be > 0")

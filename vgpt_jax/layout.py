@@ -99,17 +99,18 @@ def condition_layout(frame_BF, position_BF, block_len: int, *, num_global: int,
                      global_valid_B=None, frame_valid_BF=None) -> ConditionLayout:
     """`num_global` global tokens, then one per-frame token per entry of `frame_BF` (the frame
     indices of the conditioned frames, [B, F'] with F' = 0 for none) at RoPE slots
-    `position_BF`. Validity defaults to True; a False row drops that video's condition(s)."""
+    `position_BF`. Validity defaults to True; a False row drops that video's condition(s);
+    `global_valid_B` may also be [B, num_global], one entry per global token (text padding)."""
     frame = jnp.asarray(frame_BF, jnp.int32)
     b = frame.shape[0]
     gv = jnp.ones((b,), bool) if global_valid_B is None else jnp.asarray(global_valid_B, bool)
+    gv = gv if gv.ndim == 2 else jnp.broadcast_to(gv[:, None], (b, num_global))
     fv = jnp.ones(frame.shape, bool) if frame_valid_BF is None else jnp.asarray(frame_valid_BF,
                                                                                   bool)
     g = lambda v, dt: jnp.full((b, num_global), v, dt)
     return ConditionLayout(
         frame=jnp.concatenate([g(GLOBAL_FRAME, jnp.int32), frame], axis=1),
-        valid=jnp.concatenate([jnp.broadcast_to(gv[:, None], (b, num_global)),
-                               jnp.broadcast_to(fv, frame.shape)], axis=1),
+        valid=jnp.concatenate([gv, jnp.broadcast_to(fv, frame.shape)], axis=1),
         position=jnp.concatenate([g(0, jnp.int32),
                                   jnp.asarray(position_BF, jnp.int32) * block_len], axis=1))
 

@@ -1,20 +1,30 @@
 """Generation recipes on the embedded physics world, no downloads:
 
     vgpt recipe class_to_video    --workdir runs/class      # ball count (1-3) -> a video
+    vgpt recipe text_to_video     --workdir runs/text       # a caption -> a video
     vgpt recipe action_prediction --workdir runs/action     # frames + pushes -> next frames
     vgpt recipe image_animation   --workdir runs/animate    # one frame -> a video
+    vgpt recipe atari_actions     --workdir runs/atari      # Atari frames + actions -> next frames
 
 Each recipe simulates its world, ingests it into a latent store (conditions in each record's
-`extra`: `class_id`, per-frame `actions`), trains (`train.train`; `init_from` fine-tunes an
+`extra`: `class_id`, per-frame `actions`, `caption` + its `text` embeddings), trains (`train.train`; `init_from` fine-tunes an
 export instead, e.g. the demo's `runs/demo/model`), and measures what its conditions do:
 - class_to_video: videos sampled from nothing per class (condition guidance `guidance_c`),
   their ball count read off the decoded frames (bright connected blobs in frame 0); class
   accuracy against chance (a third), and the counter's own accuracy on true videos;
+- text_to_video: each video's caption is templated from the simulator's ground truth
+  (`caption`: "two balls, the red one moves left") and embedded once at ingestion by a frozen
+  text encoder (`text_encoder`; the embedded default is a small random T5 written into the
+  workdir, `--text-encoder` takes a local folder or hub id, e.g. google-t5/t5-small); videos
+  are sampled from nothing for the held-out captions and their ball count read as above:
+  count accuracy with the captions vs unconditional samples;
 - action_prediction: held-out pushed videos continued frame by frame from `context_frames`
   frames, given their true actions or another video's (shuffled); latent MSE of each, and of
   copying the last frame, and the one-step x1 error at t = 0.5 of each predicted frame (one
   frame per clip, the same noise draws for both). A model that uses its actions is better with
   the true ones;
+- atari_actions: action_prediction's measurements on Atari episodes (`data.atari`, the `atari`
+  extra: ale-py and its ROMs; a random policy, the one-hot action before each frame);
 - image_animation: one frame in, `predict_frames` out (clip mode "first_frame": the first
   frame is the context of one clip); latent MSE against copying the frame.
 
@@ -31,7 +41,11 @@ import time
 import ml_collections
 import numpy as np
 
-RECIPES = ("class_to_video", "action_prediction", "image_animation")
+RECIPES = ("class_to_video", "text_to_video", "action_prediction", "image_animation",
+           "atari_actions")
+NUMBERS = ("no", "one", "two", "three", "four", "five")
+COLOR_NAMES = ("red", "yellow", "green", "cyan", "blue", "magenta")
+CAPTION_WORDS = (*NUMBERS, "ball", "balls", ",", "the", "moves", "left", "right", *COLOR_NAMES)
 
 
 def recipe_config(name: str, size: str = "default") -> ml_collections.ConfigDict:
@@ -61,12 +75,25 @@ def recipe_config(name: str, size: str = "default") -> ml_collections.ConfigDict
         w.max_balls = 3
         cc["num_classes"] = 3          # class k: k + 1 balls
         cfg.eval.guidance_c = 2.0
+    elif name == "text_to_video":
+        w.max_balls = 3
+        # encoder "": a random T5 of width `tiny_dim` written into the workdir (no download);
+        # else a local folder or hub id. text_dim is set to the encoder's width by `run`.
+        cfg.text = ml_collections.ConfigDict(dict(encoder="", tiny_dim=32, max_tokens=8))
+        cc.update(text_dim=32, text_tokens=8)
+        cfg.eval.guidance_c = 2.0
     elif name == "action_prediction":
         from vgpt_jax.data.action_world import ACTION_DIM
         w.max_balls = 2
         w.push_speed, w.push_prob = 1.0, 0.5
         cc["action_dim"] = ACTION_DIM
         cc["dropout"] = 0.0             # no action guidance: the actions are always given
+    elif name == "atari_actions":
+        w.frame_size, w.fps = 32, 15.0  # 160x210 screens at 32x32 px, every 4th emulator frame
+        w.num_train_videos = 256 if size == "default" else 4
+        cfg.atari = ml_collections.ConfigDict(dict(game="breakout", frame_skip=4, hold=4.0))
+        cc["action_dim"] = 4            # breakout's minimal action set; `run` sets the game's
+        cc["dropout"] = 0.0
     else:
         w.max_balls = 2
         cfg.data.clip_mode = "first_frame"
@@ -77,7 +104,44 @@ def recipe_config(name: str, size: str = "default") -> ml_collections.ConfigDict
     return cfg
 
 
-def _world(cfg, split: str, count: int):
+def color_name(rgb) -> str:
+    """The hue name of a palette colour (`physics_world.palette`: saturated, so hue tells)."""
+    import colorsys
+    hue = colorsys.rgb_to_hsv(*(np.asarray(rgb, np.float64) / 255.0))[0]
+    return COLOR_NAMES[int(round(hue * 6)) % 6]
+
+
+def caption(clip) -> str:
+    """A caption from the simulator's ground truth: the ball count and where ball 0 goes,
+    e.g. "two balls, the red one moves left"."""
+    n = len(clip.radii)
+    dx = float(clip.positions[-1, 0, 0] - clip.positions[0, 0, 0])
+    return (f"{NUMBERS[n]} ball{'s' if n != 1 else ''}, the {color_name(clip.colors[0])} one "
+            f"moves {'left' if dx < 0 else 'right'}")
+
+
+def caption_count(text: str) -> int:
+    """The ball count a caption names (its first word)."""
+    return NUMBERS.index(text.split()[0])
+
+
+def text_encoder_for(cfg, workdir: str):
+    """The recipe's frozen text encoder (`cfg.text.encoder`, or the random default written
+    into `workdir/text_encoder`); sets `model.conditions.text_dim` to its width."""
+    from vgpt_jax import text_encoder
+    path = cfg.text.encoder
+    if not path:
+        path = os.path.join(workdir, "text_encoder")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            text_encoder.make_tiny_encoder(path, CAPTION_WORDS, dim=int(cfg.text.tiny_dim))
+    encoder = text_encoder.load(path, int(cfg.text.max_tokens))
+    cfg.text.encoder = os.path.abspath(path) if os.path.isdir(path) else path  # for vgpt sample
+    cfg.model.conditions.text_dim = encoder.dim
+    cfg.model.conditions.text_tokens = int(cfg.text.max_tokens)
+    return encoder
+
+
+def _world(cfg, split: str, count: int, encoder=None):
     """(clips, extras): the recipe's videos and each one's conditions."""
     from vgpt_jax.data import action_world
     from vgpt_jax.data import physics_world as pw
@@ -85,6 +149,13 @@ def _world(cfg, split: str, count: int):
     world = pw.WorldConfig(size=w.frame_size, fps=w.fps, scenarios=("balls",),
                            min_balls=w.min_balls, max_balls=w.max_balls,
                            min_radius=w.min_radius, max_radius=w.max_radius)
+    if cfg.recipe == "atari_actions":
+        from vgpt_jax.data import atari
+        a = cfg.atari
+        episodes = atari.record_episodes(a.game, count, w.num_frames, w.frame_size, w.seed,
+                                         split, int(a.frame_skip), float(a.hold))
+        cfg.model.conditions.action_dim = int(episodes[0].actions.shape[1])
+        return episodes, [{"actions": e.actions.tolist()} for e in episodes]
     if cfg.recipe == "action_prediction":
         pushed = action_world.make_dataset(count, w.num_frames, w.frame_size, w.seed, split,
                                            world, w.push_speed, w.push_prob)
@@ -93,6 +164,9 @@ def _world(cfg, split: str, count: int):
                             num_takes=1)
     if cfg.recipe == "class_to_video":
         return clips, [{"class_id": len(c.radii) - 1} for c in clips]
+    if cfg.recipe == "text_to_video":
+        from vgpt_jax.text_encoder import embed_extra
+        return clips, embed_extra(encoder, [caption(c) for c in clips])
     return clips, [{} for _ in clips]
 
 
@@ -117,6 +191,8 @@ def evaluate(cfg, model, space, test_latents, extras, test_frames) -> dict:
                                      condition_guidance=float(e.guidance_c))
     n = len(test_latents)
     seeds = list(range(n))
+    if cfg.recipe == "text_to_video":
+        return _text_to_video(cfg, model, sampler, space, test_latents, extras)
     if cfg.recipe == "class_to_video":
         classes = int(cfg.model.conditions.num_classes)
         per = int(e.samples_per_class)
@@ -154,6 +230,29 @@ def evaluate(cfg, model, space, test_latents, extras, test_frames) -> dict:
             "videos": n}
 
 
+def _text_to_video(cfg, model, sampler, space, test_latents, extras) -> dict:
+    """Videos from nothing for the held-out captions; ball count accuracy against each
+    caption's count, with the text and unconditionally."""
+    from vgpt_jax import sampling, text_encoder
+    from vgpt_jax.data.physics_world import WorldConfig
+    cc = cfg.model.conditions
+    text, mask = map(np.stack, zip(*(text_encoder.pad(text_encoder.unpack(x["text"]),
+                                                      int(cc.text_tokens)) for x in extras)))
+    wanted = np.asarray([caption_count(x["caption"]) for x in extras])
+    seeds = list(range(len(extras)))
+    background = WorldConfig().background
+
+    def accuracy(**conditions):
+        out = sampling.sample_video(model, (int(cfg.eval.predict_frames),), sampler,
+                                    seeds, latent_hw=test_latents.shape[2:4], **conditions)
+        first = np.stack([space.decode(v[:1])[0] for v in out])
+        return float(np.mean(count_balls(first, background) == wanted))
+
+    return {"count_accuracy": accuracy(text=text, text_mask=mask),
+            "unconditional_count_accuracy": accuracy(),
+            "captions": [x["caption"] for x in extras[:4]], "samples": int(len(extras))}
+
+
 def _denoising_error(model, latents_BFhwc, actions_BFA, context: int, t: float = 0.5) -> float:
     """The x1 error of the frames after `context`, one frame per clip, each noised to level t
     (the loss at a fixed t; fixed noise draws, so true and shuffled actions see the same)."""
@@ -174,8 +273,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    train_clips, train_extra = _world(cfg, "train", int(cfg.world.num_train_videos))
-    test_clips, test_extra = _world(cfg, "test", int(cfg.world.num_test_videos))
+    encoder = text_encoder_for(cfg, workdir) if cfg.recipe == "text_to_video" else None
+    train_clips, train_extra = _world(cfg, "train", int(cfg.world.num_train_videos), encoder)
+    test_clips, test_extra = _world(cfg, "test", int(cfg.world.num_test_videos), encoder)
     space = make_latent_space(cfg.latent_space.to_dict())
     store_dir = os.path.join(workdir, "latents")
     if not os.path.exists(os.path.join(store_dir, "manifest.json")):
@@ -209,8 +309,15 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="default", choices=("default", "quick"))
     p.add_argument("--steps", type=int, default=0, help="training steps (0: the recipe's)")
     p.add_argument("--init-from", default="", help="a model export to fine-tune")
+    p.add_argument("--text-encoder", default="",
+                   help="text_to_video: a T5 or CLIP text encoder, a local folder or hub id "
+                        "(default: a small random T5 written into the workdir, no download)")
     args = p.parse_args(argv)
     cfg = recipe_config(args.recipe, args.size)
+    if args.text_encoder:
+        if args.recipe != "text_to_video":
+            p.error("--text-encoder is for the text_to_video recipe")
+        cfg.text.encoder = args.text_encoder
     if args.steps:
         cfg.train.steps = args.steps
     cfg.checkpoint.init_from = args.init_from

@@ -321,14 +321,15 @@ def noisy_layout(batch: int, frames: int, history: int, L: int, guided):
 
 
 def window_conditions(model_cfg: ModelConfig, L: int, rows: tuple[Branch, ...], window: int,
-                      new: int, class_id_B=None, actions_BWA=None):
+                      new: int, class_id_B=None, actions_BWA=None, text=None):
     """The conditions of a call covering `window` frames, the last `new` of them new, for every
     row of each video ([B * R], row b * R + r as `rows[r]` says), or None when none are given. A history row numbers the window's frames 0..W-1; a no-history row numbers the
     new frames 0..new-1 (as `noisy_layout`), the rest invalid; a no-conditions row has all its
-    condition tokens invalid. `actions_BWA`: the window's actions, one per frame."""
-    if class_id_B is None and actions_BWA is None:
+    condition tokens invalid. `actions_BWA`: the window's actions, one per frame. `text`:
+    (embeddings [B, N, E], mask [B, N]) or None."""
+    if class_id_B is None and actions_BWA is None and text is None:
         return None
-    b = len(class_id_B) if class_id_B is not None else actions_BWA.shape[0]
+    b = next(len(x) for x in (class_id_B, actions_BWA, text and text[0]) if x is not None)
     per_row = []
     for row in rows:
         if row.history:
@@ -340,7 +341,8 @@ def window_conditions(model_cfg: ModelConfig, L: int, rows: tuple[Branch, ...], 
                 [actions_BWA[:, window - new:], actions_BWA[:, :window - new]], axis=1)
         frames_BW = np.broadcast_to(frames, (b, window))
         cond = conditioning.make_conditions(model_cfg, frames_BW, frames_BW, L,
-                                            class_id=class_id_B, actions=acts)
+                                            class_id=class_id_B, actions=acts,
+                                            **dict(zip(("text", "text_mask"), text or ())))
         n_global = cond.layout.num_tokens - (window if actions_BWA is not None else 0)
         valid = np.concatenate([np.ones(n_global, bool),
                                 seen if actions_BWA is not None else np.zeros(0, bool)])
@@ -549,14 +551,15 @@ def _draw(given, k: int, shape, what: str, default: Callable[[], np.ndarray]) ->
     return arr
 
 
-def _check_conditions(model_cfg: ModelConfig, class_id, actions, batch: int, frames: int):
+def _check_conditions(model_cfg: ModelConfig, class_id, actions, batch: int, frames: int,
+                      text=None, text_mask=None):
     """Host checks of a request's conditions: (class_id [B] int32, actions [B, frames, A]
-    float32), each None when the model lacks that kind (both None: an unconditioned request);
-    errors name the input."""
+    float32, (text [B, N, E] float32, text_mask [B, N] bool)), each None when the model lacks
+    that kind (all None: an unconditioned request); errors name the input."""
     cc = model_cfg.conditions
-    if class_id is None and actions is None:
-        return None, None
-    conditioning.check_kinds(cc, class_id, actions)
+    if class_id is None and actions is None and text is None:
+        return None, None, None
+    conditioning.check_kinds(cc, class_id, actions, text)
     if class_id is not None:
         class_id = np.asarray(class_id, np.int32)
         if class_id.shape != (batch,):
@@ -567,7 +570,14 @@ def _check_conditions(model_cfg: ModelConfig, class_id, actions, batch: int, fra
         if actions.shape != (batch, frames, cc.action_dim):
             raise ValueError(f"actions: shape {actions.shape}, expected [videos, context + "
                              f"generated frames, action_dim] = {(batch, frames, cc.action_dim)}")
-    return class_id, actions
+    if text is not None:
+        text = np.asarray(text, np.float32)
+        mask = np.ones(text.shape[:2], bool) if text_mask is None else np.asarray(text_mask, bool)
+        if text.shape != (batch, cc.text_tokens, cc.text_dim) or mask.shape != text.shape[:2]:
+            raise ValueError(f"text: shapes {text.shape} (mask {mask.shape}), expected [videos, "
+                             f"text_tokens, text_dim] = {(batch, cc.text_tokens, cc.text_dim)}")
+        text = (text, mask)
+    return class_id, actions, text
 
 
 def empty_cache(model_cfg: ModelConfig, batch: int) -> KVCache:
@@ -588,7 +598,7 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
                  noise_per_clip: Sequence[np.ndarray | None] | None = None,
                  context_eps_per_clip: Sequence[np.ndarray | None] | None = None,
                  placement: Placement | None = None, class_id=None,
-                 actions=None) -> np.ndarray:
+                 actions=None, text=None, text_mask=None) -> np.ndarray:
     """Generate `sum(clip_sizes)` frames after `context_BFhwc` (or from nothing): [B, N, h, w, C].
 
     seeds: one per video. on_clip(k, latents_BNhwc) runs after clip k (progress, saving).
@@ -602,6 +612,8 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
     parameters are put on it (a no-op when `Placement.place_model` already did).
     class_id [B] / actions [B, F + N, A] (the context's F frames, then the N generated): the
     conditions of a model with `model.conditions`, given exactly when it has that kind.
+    text [B, text_tokens, text_dim] (text_mask [B, text_tokens], default all real): stored
+    text embeddings (`text_encoder`), for a model with `conditions.text_dim`.
     """
     model_cfg: ModelConfig = model.cfg
     if context_BFhwc is not None:
@@ -623,8 +635,8 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
     c = model_cfg.latent_channels
     L = block_len_for(model_cfg, h, w)
     context_frames = 0 if context_BFhwc is None else context_BFhwc.shape[1]
-    class_id, actions = _check_conditions(model_cfg, class_id, actions, batch,
-                                          context_frames + sum(clip_sizes))
+    class_id, actions, text = _check_conditions(model_cfg, class_id, actions, batch,
+                                                context_frames + sum(clip_sizes), text, text_mask)
     if placement is not None:
         model = placement.place_model(model)
     graphdef, state = nnx.split(model)
@@ -641,7 +653,7 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
 
     # Condition guidance encodes the history twice (with and without conditions): the cache
     # holds `len(variants)` rows per video, interleaved.
-    conditioned = class_id is not None or actions is not None
+    conditioned = class_id is not None or actions is not None or text is not None
     cond_guided = cfg.condition_guidance != 1.0 and conditioned
     variants = cache_variants(guidance_branches(False, cond_guided))
 
@@ -657,7 +669,8 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
         cond = window_conditions(
             model_cfg, L, row_kinds, len(ids), new,
             None if class_id is None else _pad_batch(class_id, rows),
-            None if actions is None else _pad_batch(actions[:, ids], rows))
+            None if actions is None else _pad_batch(actions[:, ids], rows),
+            None if text is None else tuple(_pad_batch(a, rows) for a in text))
         if cond is None or placement is None:
             return cond
         return jax.tree.map(lambda a: placement.put(a, BATCH_AXES), cond)

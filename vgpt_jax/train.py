@@ -335,13 +335,16 @@ def check_batch(data_cfg: DataConfig, optim_cfg: OptimConfig, mesh, rules) -> No
 
 def batch_shardings(model_cfg: ModelConfig, mesh, rules) -> dict:
     """The shardings of a global batch's arrays: the latents and clip ids, and the conditions
-    the model takes (`class_id`, `actions`)."""
+    the model takes (`class_id`, `actions`, `text` and `text_mask`)."""
     out = {"latents": shard_lib.batch_sharding(mesh, rules, 5),
            "clip_ids": shard_lib.batch_sharding(mesh, rules, 2)}
     if model_cfg.conditions.num_classes:
         out["class_id"] = shard_lib.batch_sharding(mesh, rules, 1)
     if model_cfg.conditions.action_dim:
         out["actions"] = shard_lib.batch_sharding(mesh, rules, 3)
+    if model_cfg.conditions.text_dim:
+        out["text"] = shard_lib.batch_sharding(mesh, rules, 3)
+        out["text_mask"] = shard_lib.batch_sharding(mesh, rules, 2)
     return out
 
 

@@ -75,6 +75,11 @@ def main(argv=None) -> int:
     p.add_argument("--coordinator-address", default=None, help="with --distributed: host:port of process 0")
     p.add_argument("--num-processes", type=int, default=None, help="with --distributed")
     p.add_argument("--process-id", type=int, default=None, help="with --distributed")
+    p.add_argument("--text-encoder", default="",
+                   help="a T5 or CLIP text encoder (folder or hub id; pip install -e '.[text]'): "
+                        "embeds each video's sidecar caption (clip.mp4 + clip.txt) into its "
+                        "record, for text-conditioned training (docs/conditioning.md)")
+    p.add_argument("--text-tokens", type=int, default=32, help="caption tokens kept")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store or unfinished run")
     p.add_argument("--no-progress", action="store_true")
@@ -85,7 +90,8 @@ def main(argv=None) -> int:
                           min_frames=args.min_frames, max_frames=args.max_frames,
                           encode_batch=args.encode_batch, num_shards=args.shards, dtype=args.dtype,
                           frame_size=args.frame_size, mixed_sizes=args.mixed_sizes,
-                          normalize=args.normalize)
+                          normalize=args.normalize, text_encoder=args.text_encoder,
+                          text_tokens=args.text_tokens)
     if args.distributed and args.runner != "local":
         p.error("--distributed runs the JAX job; it cannot be combined with --runner beam")
     if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id is not None):

@@ -9,6 +9,13 @@ The first `--context-frames` frames (after `--frame-stride`, resizing to `--max-
 center-cropping, as ingestion does) are the context. When the input has more frames than that,
 the following ones are the ground truth and `<output>_vs_gt.mp4` shows them left of the
 prediction.
+
+A conditioned model (docs/conditioning.md) takes its conditions, each kind it has:
+
+    vgpt sample --checkpoint runs/class/model --input clip.mp4 --output p.mp4 --class 2
+    vgpt sample ... --actions actions.npy      # [context + generated frames, action_dim]
+    vgpt sample ... --caption "two balls, the red one moves left" [--text-encoder DIR]
+    vgpt sample ... --class 2 --condition-guidance 2.0
 """
 from __future__ import annotations
 
@@ -72,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reencode", action="store_true",
                    help="decode -> uint8 -> encode each clip before it joins the history")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--class", dest="class_id", type=int, default=None,
+                   help="class id, for a model with conditions.num_classes")
+    p.add_argument("--actions", default=None, metavar="FILE",
+                   help="per-frame actions, .npy or .json: [context + generated frames, "
+                        "action_dim], for a model with conditions.action_dim")
+    p.add_argument("--caption", default=None, help="text, for a model with conditions.text_dim")
+    p.add_argument("--text-encoder", default=None,
+                   help="with --caption: the encoder the training captions were embedded with "
+                        "(default: the export config's text.encoder)")
+    p.add_argument("--condition-guidance", type=float, default=defaults.condition_guidance,
+                   help="condition guidance scale (1: none)")
     add_mesh_argument(p)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -93,6 +111,89 @@ def read_context(path: str, stride: int, max_image_size: int, crop_multiple: int
     except (video_io.VideoReadError, ingest.SkipVideo) as e:
         raise ValueError(f"--input {path!r}: cannot read the video ({e})") from e
     return frames, fps / stride
+
+
+def read_actions(path: str) -> np.ndarray:
+    """--actions FILE (.npy, or .json: a list of per-frame lists) -> float32 [frames, A]."""
+    import json
+    if not os.path.isfile(path):
+        raise ValueError(f"--actions {path!r}: no such file")
+    try:
+        if path.endswith(".npy"):
+            actions = np.load(path)
+        else:
+            with open(path) as f:
+                actions = np.asarray(json.load(f))
+        actions = np.asarray(actions, np.float32)
+    except (ValueError, TypeError, OSError) as e:
+        raise ValueError(f"--actions {path!r}: not an array of numbers ({e})") from e
+    if actions.ndim != 2:
+        raise ValueError(f"--actions {path!r}: shape {actions.shape}, expected [frames, "
+                         "action_dim]")
+    return actions
+
+
+def conditions_of(args, pipe) -> dict:
+    """sample_video's condition kwargs from --class / --actions / --caption (one video)."""
+    conditions = {}
+    if args.class_id is not None:
+        conditions["class_id"] = np.asarray([args.class_id], np.int32)
+    if args.actions is not None:
+        conditions["actions"] = read_actions(args.actions)[None]
+    if args.caption is not None:
+        from vgpt_jax import text_encoder
+        cc = pipe.model.cfg.conditions
+        if not cc.text_dim:
+            raise ValueError("--caption: the model has no text conditions "
+                             "(model.conditions.text_dim is 0)")
+        path = args.text_encoder or (pipe.config or {}).get("text", {}).get("encoder")
+        if not path:
+            raise ValueError("--caption: give --text-encoder (the export's config names none)")
+        emb = text_encoder.load(path, cc.text_tokens).encode([args.caption])[0]
+        if emb.shape[1] != cc.text_dim:
+            raise ValueError(f"--text-encoder {path!r}: width {emb.shape[1]}, the model's "
+                             f"conditions.text_dim is {cc.text_dim}")
+        text, mask = text_encoder.pad(emb, cc.text_tokens)
+        conditions.update(text=text[None], text_mask=mask[None])
+    elif args.text_encoder:
+        raise ValueError("--text-encoder needs --caption")
+    return conditions
+
+
+FLAGS = {"class_id": "--class", "actions": "--actions", "text": "--caption"}
+
+
+def sample_conditioned(pipe, context, clip_sizes, args, conditions, on_clip):
+    """The prediction [N, H, W, 3] of a conditioned model: `sampling.sample_video` with the
+    conditions, on the pipeline's model, latent space and mesh."""
+    from vgpt_jax import conditioning
+    if args.reencode:
+        raise ValueError("--reencode is not supported with --class / --actions / --caption")
+    cc = pipe.model.cfg.conditions
+    try:  # the flag, not the keyword, in the message
+        conditioning.check_kinds(cc, conditions.get("class_id"), conditions.get("actions"),
+                                 conditions.get("text"))
+        if "class_id" in conditions:
+            conditioning.check_class_ids(conditions["class_id"], cc.num_classes)
+    except ValueError as e:
+        name = str(e).split(":")[0]
+        raise ValueError(f"{FLAGS.get(name, name)}: {str(e).split(':', 1)[1].strip()}") from None
+    frames = len(context) + sum(clip_sizes)
+    if "actions" in conditions and conditions["actions"].shape[1] != frames:
+        raise ValueError(f"--actions {args.actions!r}: {conditions['actions'].shape[1]} frames; "
+                         f"the context ({len(context)}) and the generated frames "
+                         f"({sum(clip_sizes)}) need {frames}")
+    cfg = sampling.SamplerConfig(
+        steps=args.steps, guidance=args.guidance, window=args.window,
+        time_shift=args.time_shift, cache_mode=args.cache_mode, anchor_frames=args.anchor_frames,
+        context_noise=args.context_noise, same_noise_every_clip=args.same_noise_every_clip,
+        prediction_type=pipe.prediction_type, condition_guidance=args.condition_guidance)
+    cfg.validate()
+    space = pipe.latent_space
+    latents = space.encode(context, seed=args.seed)[None]
+    out = sampling.sample_video(pipe.model, clip_sizes, cfg, [args.seed], context_BFhwc=latents,
+                                on_clip=on_clip, placement=pipe.placement, **conditions)
+    return space.decode(out[0])
 
 
 def trained_frame_size(pipe) -> tuple[int, int] | None:
@@ -140,18 +241,25 @@ def main(argv=None) -> int:
               f"{len(frames)} frames at --frame-stride {args.frame_stride}: all {len(frames)} are "
               "the context and there is no ground truth to compare with", file=sys.stderr)
 
+    conditions = conditions_of(args, pipe)
+    if not conditions and args.condition_guidance != 1.0:
+        raise ValueError("--condition-guidance needs --class, --actions or --caption")
     with tqdm(total=len(clip_sizes), unit="clip", disable=args.no_progress) as bar:
-        out = pipe.predict(
+        if conditions:
+            predicted = sample_conditioned(pipe, context, clip_sizes, args, conditions,
+                                           lambda k, clip: bar.update(1))
+        else:
+            predicted = pipe.predict(
             context, clip_sizes=clip_sizes, steps=args.steps, guidance=args.guidance,
             window=args.window, seed=args.seed, time_shift=args.time_shift,
             cache_mode=args.cache_mode, anchor_frames=args.anchor_frames,
             context_noise=args.context_noise, same_noise_every_clip=args.same_noise_every_clip,
-            reencode=args.reencode, callback=lambda k, n, clip: bar.update(1))
-    video_io.write_video(args.output, out.frames, fps)
-    print(f"wrote {len(out.frames)} predicted frames to {args.output}")
+            reencode=args.reencode, callback=lambda k, n, clip: bar.update(1)).frames
+    video_io.write_video(args.output, predicted, fps)
+    print(f"wrote {len(predicted)} predicted frames to {args.output}")
     if len(truth):
         stem, ext = os.path.splitext(args.output)
-        pred = out.frames[:len(truth)]
+        pred = predicted[:len(truth)]
         side = np.concatenate([truth, pred], axis=2)  # [T, H, 2W, 3]: truth | prediction
         path = video_io.write_video(f"{stem}_vs_gt{ext}", side, fps)
         print(f"wrote ground truth | prediction ({len(truth)} frames) to {path}")

@@ -64,6 +64,10 @@ class IngestConfig:
     # statistics, merged in shard order): "none" keeps the space's latents (an SDXL VAE has its
     # own scaling factor); "shift" or "shift_scale" for spaces without one.
     normalize: str = "none"
+    # Text conditions (`vgpt_jax.text_encoder`): a T5 / CLIP text encoder (folder or hub id)
+    # embeds each video's sidecar caption (`clip.mp4` + `clip.txt`) into its record's `extra`.
+    text_encoder: str = ""
+    text_tokens: int = 32       # caption tokens kept (the encoder's truncation)
 
 
 class SkipVideo(Exception):
@@ -157,6 +161,11 @@ def load_video_frames(path: str, config: IngestConfig) -> tuple[np.ndarray, floa
     frames = center_crop(np.stack(frames), *cropped)
     meta = {"source_size": [info.width, info.height], "frame_size": list(cropped),
             "stride": config.frame_stride, "source_fps": info.fps}
+    if config.text_encoder:
+        from vgpt_jax.text_encoder import read_caption
+        caption = read_caption(path)
+        if caption is not None:
+            meta["caption"] = caption
     return np.ascontiguousarray(frames), info.fps, meta
 
 

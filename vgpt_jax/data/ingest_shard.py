@@ -105,7 +105,10 @@ def make_job(input_dir: str, output: str, latent_space, config: IngestConfig) ->
         raise ValueError(f"frame_size (H, W) = {tuple(config.frame_size)} is not a multiple of "
                          f"crop_multiple {config.crop_multiple}")
     description = describe_latent_space(space, latent_space)
-    settings = {"config": dataclasses.asdict(config), "latent_space": description,
+    fields = dataclasses.asdict(config)
+    if not config.text_encoder:  # stores written before text conditions keep their settings
+        fields = {k: v for k, v in fields.items() if k not in ("text_encoder", "text_tokens")}
+    settings = {"config": fields, "latent_space": description,
                 "downsample": int(space.downsample), "channels": int(space.channels)}
     return IngestJob(input_dir, output, latent_space, config, description, json.loads(json.dumps(settings)))
 
@@ -178,6 +181,10 @@ def encode_video(space, decoded: tuple, job: IngestJob) -> bytes:
     `space` is anything with the latent space's `encode` (a device-sharded one included)."""
     _, rel, frames, fps, meta = decoded
     config = job.config
+    if config.text_encoder and "caption" in meta:  # the encoder loads once per process
+        from vgpt_jax import text_encoder
+        encoder = text_encoder.load(config.text_encoder, config.text_tokens)
+        meta = {**meta, **text_encoder.embed_extra(encoder, [meta["caption"]])[0]}
     latents = encode_in_batches(space, frames, config.encode_batch, store_lib.STORAGE_DTYPES[config.dtype])
     # fps of the *stored* frames: striding slows the clock (stride 4 at 30 fps -> 7.5 fps)
     return store_lib.encode_record(latents, fps=fps / config.frame_stride, source=rel, num_frames=len(frames),
