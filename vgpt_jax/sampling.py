@@ -31,7 +31,8 @@ One clip at a time (the reference's `prompt_condition_frame_block_autoregressive
   frames, keep the newest `window - n` frames with positions restarting at 0 and rebuild the
   cache. "rolling" (beyond the reference): drop the oldest frames after `anchor_frames` sink
   frames from the cache and re-index the rest by rotating their keys (`shift_positions`),
-  with no rebuild; kept frames then still carry what they saw of dropped frames.
+  with no rebuild; kept frames then still carry what they saw of dropped frames. Each cache
+  mode is one `_History` policy: the clip loop makes room, denoises, reports, appends.
 
 Invariant: cache slot s holds clean frame s at RoPE frame slot s; the noisy clip follows at
 slots H..H+n-1 (H = frames in the history). All layouts come from `layout.clip_layout`.
@@ -211,8 +212,7 @@ class Placement:
                              "sampling runs on a mesh of this process's devices, each process of "
                              "a multi-host run sampling its own videos")
         rules = DEFAULT_LOGICAL_RULES if rules is None else rules
-        return cls(mesh, tuple((k, v if v is None or isinstance(v, str) else tuple(v))
-                               for k, v in rules))
+        return cls(mesh, shard_lib.canonical_rules(rules))
 
     @property
     def batch_multiple(self) -> int:
@@ -464,24 +464,22 @@ def _extend_cache(graphdef, state, cache: KVCache, clean_BNhwc, placement=None,
     return _cache_out(cache, placement)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 7), static_argnames="placement")
-def _denoise_cached(graphdef, state, cache: KVCache, z0_BNhwc, sigmas, guided, guidance,
-                    prediction_type="x1", placement=None, conditions=None):
+def _denoise(x1_fn_of, graphdef, state, context, z0_BNhwc, sigmas, guided, guidance,
+             prediction_type="x1", placement=None, conditions=None):
+    """One clip's Euler integration with the denoiser `x1_fn_of(model, context, ...)` builds."""
     model = nnx.merge(graphdef, state)
     L = _block_len(model, z0_BNhwc)
     with _on(placement):
-        x1_fn = cached_x1_fn(model, cache, z0_BNhwc.shape[1], L, guided, conditions)
+        x1_fn = x1_fn_of(model, context, z0_BNhwc.shape[1], L, guided, conditions)
         return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 7), static_argnames="placement")
-def _denoise_recompute(graphdef, state, history_BHhwc, z0_BNhwc, sigmas, guided, guidance,
-                       prediction_type="x1", placement=None, conditions=None):
-    model = nnx.merge(graphdef, state)
-    L = _block_len(model, z0_BNhwc)
-    with _on(placement):
-        x1_fn = recompute_x1_fn(model, history_BHhwc, z0_BNhwc.shape[1], L, guided, conditions)
-        return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
+_denoise_jit = functools.partial(jax.jit, static_argnums=(0, 5, 7), static_argnames="placement")
+# (graphdef, state, context, z0, sigmas, guided, guidance, prediction_type, placement=,
+# conditions=): `context` is the history's KV cache, or for the release's recompute the clean
+# history latents [B, H, h, w, C] themselves.
+_denoise_cached = _denoise_jit(functools.partial(_denoise, cached_x1_fn))
+_denoise_recompute = _denoise_jit(functools.partial(_denoise, recompute_x1_fn))
 
 
 def shift_positions(x_BTHD, delta: int, model_cfg: ModelConfig):
