@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vgpt_jax.vae.autoencoder_kl import AutoencoderKLConfig, AutoencoderKLSpace, init_autoencoder_kl  # noqa: E402
+from vgpt_jax.vae.autoencoder_kl import AutoencoderKLConfig, init_autoencoder_kl  # noqa: E402
+from vgpt_jax.vae.latent_space import AutoencoderKLSpace  # noqa: E402
 from vgpt_jax.vae.train import default_small_config  # noqa: E402
 
 SDXL = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,

@@ -654,7 +654,7 @@ def test_from_pretrained_model_pt_samples_v_unless_told_otherwise(source, tmp_pa
 
 def test_from_pretrained_uses_the_bundled_vae(source, tmp_path):
     from vgpt_jax.pipeline import Pipeline
-    from vgpt_jax.vae.autoencoder_kl import AutoencoderKLSpace
+    from vgpt_jax.vae.latent_space import AutoencoderKLSpace
     folder = make_layout(source, tmp_path / "ckpt", "transformer_safetensors", vae=True)
     pipe = Pipeline.from_pretrained(folder, cache_dir=str(tmp_path / "cache"), dtype="float32")
     assert pipe.config.latent_space.path == "vae" and pipe.config.pretrained.vae == "vae"

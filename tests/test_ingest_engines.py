@@ -225,7 +225,8 @@ def test_finished_shard_is_skipped_and_half_written_one_redone(folder, reference
 _VAE_CHECK = """
 import sys, numpy as np, jax
 from flax import nnx
-from vgpt_jax.vae.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, AutoencoderKLSpace
+from vgpt_jax.vae.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from vgpt_jax.vae.latent_space import AutoencoderKLSpace
 from vgpt_jax.data.ingest import encode_in_batches
 from vgpt_jax.data.ingest_encode import LocalDeviceEncoder, device_encoder
 assert jax.local_device_count() == 2

@@ -46,7 +46,8 @@ def test_space_to_depth_round_trip_through_the_normalisation():
 
 
 def test_autoencoder_kl_round_trip_through_the_normalisation():
-    from vgpt_jax.vae.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, AutoencoderKLSpace
+    from vgpt_jax.vae.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+    from vgpt_jax.vae.latent_space import AutoencoderKLSpace
     from flax import nnx
     cfg = AutoencoderKLConfig(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
                               up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,

@@ -113,7 +113,7 @@ def test_stage_configs_follow_the_curriculum():
     want = {"stage1": (16, 4, 4, "one_frame"), "stage2": (48, 4, 4, "random"),
             "stage3": (48, 4, 12, "random"), "stage4": (80, 4, 12, "random")}
     for name, (frames, lo, hi, mode) in want.items():
-        cfg = importlib.import_module(name).get_config()
+        cfg = importlib.import_module("curriculum").get_config(name)
         validate_train_config(cfg)
         d = cfg.data
         assert (d.num_frames, d.stride_min, d.stride_max, d.clip_mode) == (frames, lo, hi, mode)

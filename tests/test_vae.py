@@ -57,7 +57,8 @@ def _jitted(model):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_parity_with_diffusers(torch_vaes, variant):
-    from vgpt_jax.vae.autoencoder_kl import AutoencoderKLSpace, load_autoencoder_kl
+    from vgpt_jax.vae.autoencoder_kl import load_autoencoder_kl
+    from vgpt_jax.vae.latent_space import AutoencoderKLSpace
 
     tm, folder = torch_vaes[variant]
     ours = load_autoencoder_kl(folder)

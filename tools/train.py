@@ -1,4 +1,4 @@
-"""Train Video-GPT from a config file. (`python tools/train.py --config configs/stage1.py --workdir W`; the same as `vgpt train`)."""
+"""Train Video-GPT from a config file. (`python tools/train.py --config configs/curriculum.py:stage1 --workdir W`; the same as `vgpt train`)."""
 import os
 import sys
 

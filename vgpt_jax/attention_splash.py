@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_kernel as splash, splash_attention_mask_info as mask_info_lib)
 from jax.sharding import PartitionSpec as P
@@ -186,15 +186,6 @@ def _local_splash(q, k, v, q_meta, kv_meta, L, bq, bk, interpret):
     return out.transpose(0, 2, 1, 3)
 
 
-def _axes(spec_entry):
-    return () if spec_entry is None else ((spec_entry,) if isinstance(spec_entry, str)
-                                          else tuple(spec_entry))
-
-
-def _size(mesh, entry):
-    return int(np.prod([mesh.shape[a] for a in _axes(entry)]))
-
-
 def splash_attention(q, k, v, q_meta: TokenMeta, kv_meta: TokenMeta, block_len: int,
                      cfg: AttentionConfig = AttentionConfig(), *, interpret: bool | None = None):
     """Masked attention with the splash kernel: q [B,T,H,D], k/v [B,S,KV,D] -> [B,T,H,D].
@@ -217,13 +208,12 @@ def splash_attention(q, k, v, q_meta: TokenMeta, kv_meta: TokenMeta, block_len: 
     if active is None:
         return local(q, k, v, q_meta, kv_meta)
     mesh, rules = active
-    batch, seq, heads = shard_lib.logical_to_spec(("batch", "sequence", "heads"), rules)
     b, t, h, _ = q.shape
-    kvh = k.shape[2]
-    # A mesh axis that does not divide its dimension is dropped (that dimension is replicated).
-    batch = batch if b % _size(mesh, batch) == 0 else None
-    seq = seq if t % (_size(mesh, seq) * L) == 0 else None
-    heads = heads if h % _size(mesh, heads) == 0 and kvh % _size(mesh, heads) == 0 else None
+    # A mesh axis that does not divide its dimension is dropped (`fit_spec`): the sequence
+    # splits in whole frame blocks, and one head split must divide both q's and kv's heads.
+    batch, seq, heads = shard_lib.fit_spec(
+        shard_lib.logical_to_spec(("batch", "sequence", "heads"), rules),
+        (b, t // L, math.gcd(h, k.shape[2])), mesh)
     q_spec, kv_spec = P(batch, seq, heads, None), P(batch, None, heads, None)
     meta_q = TokenMeta(*(P(batch, seq) for _ in q_meta))
     meta_kv = TokenMeta(*(P(batch, None) for _ in kv_meta))

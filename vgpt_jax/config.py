@@ -462,7 +462,7 @@ def validate_train_config(cfg) -> None:
     need(m.num_slices >= 1, "mesh.num_slices", "must be >= 1")
     for rule in m.rules:
         need(len(rule) == 2, "mesh.rules", f"each rule is [logical_name, mesh_axes], got {rule!r}")
-        axes = rule[1]
-        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        from vgpt_jax.sharding import mesh_axes  # the one normaliser (sharding imports this module)
+        axes = mesh_axes(rule[1])
         need(all(a in MESH_AXES for a in axes), "mesh.rules",
              f"rule {rule!r} names an unknown mesh axis (axes: {MESH_AXES})")

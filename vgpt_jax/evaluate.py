@@ -333,10 +333,9 @@ def load_video_folder(folder: str, num_frames: int) -> list[HeldOutVideo]:
     """Held-out videos from a folder: `NAME.mp4` (or .gif/.avi/.mov/.webm), with an optional
     second take `NAME.take2.mp4` for the Physics-IQ style score. Frames beyond `num_frames` are
     dropped."""
-    from vgpt_jax.data.video_io import read_video
+    from vgpt_jax.data.video_io import VIDEO_EXTENSIONS as exts, read_video
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"held-out folder {folder!r} does not exist")
-    exts = (".mp4", ".gif", ".avi", ".mov", ".webm", ".mkv")
     names = sorted(f for f in os.listdir(folder) if f.lower().endswith(exts) and ".take2." not in f)
     if not names:
         raise ValueError(f"held-out folder {folder!r} has no videos ({', '.join(exts)})")

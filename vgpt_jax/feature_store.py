@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from vgpt_jax.data.store import atomic_write
+
 MANIFEST, MERGED = "manifest.json", "features.npz"
 
 
@@ -23,9 +25,8 @@ def _part(directory: str, index: int) -> str:
 
 
 def _atomic_npz(path: str, arrays: dict) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 class FeatureWriter:
@@ -54,10 +55,8 @@ class FeatureWriter:
                 if f == MERGED or (f.startswith("part-") and f.endswith(".npz")):
                     os.remove(os.path.join(directory, f))
         os.makedirs(directory, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(path) as f:
             json.dump(manifest, f, indent=1)
-        os.replace(tmp, path)
 
     def pending(self) -> list[tuple[int, int, int]]:
         """(chunk index, first video, end) of every chunk not yet written."""

@@ -68,19 +68,23 @@ def topology_devices(topology: str):
 
 
 def load_config(name: str):
-    """A run config: `stage1`..`stage4`, `tiny_test`, a `configs/*.py` path, or a model preset
+    """A run config: `stage1`..`stage4` (`configs/curriculum.py:stageN`), `tiny_test`, a
+    `configs/*.py` path (`path:argument` as ml_collections takes it), or a model preset
     (`tiny`, `small`, `phi3_mini`) with the training defaults."""
     from vgpt_jax.config import MODEL_PRESETS, get_train_config
     if name in MODEL_PRESETS:
         return get_train_config(name)
-    path = name if name.endswith(".py") else os.path.join(REPO, "configs", f"{name}.py")
+    path, _, variant = name.partition(":")
+    if path.startswith("stage") and not variant:  # a curriculum stage
+        path, variant = "curriculum", path
+    path = path if path.endswith(".py") else os.path.join(REPO, "configs", f"{path}.py")
     if not os.path.exists(path):
         raise ValueError(f"config {name!r}: no file {path}; give a configs/*.py path, a stage "
                          f"name (stage1..stage4) or a model preset {MODEL_PRESETS}")
     spec = importlib.util.spec_from_file_location(f"vgpt_plan_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(variant) if variant else module.get_config()
 
 
 @dataclasses.dataclass

@@ -31,7 +31,8 @@ One clip at a time (the reference's `prompt_condition_frame_block_autoregressive
   frames, keep the newest `window - n` frames with positions restarting at 0 and rebuild the
   cache. "rolling" (beyond the reference): drop the oldest frames after `anchor_frames` sink
   frames from the cache and re-index the rest by rotating their keys (`shift_positions`),
-  with no rebuild; kept frames then still carry what they saw of dropped frames.
+  with no rebuild; kept frames then still carry what they saw of dropped frames. Each cache
+  mode is one `_History` policy: the clip loop makes room, denoises, reports, appends.
 
 Invariant: cache slot s holds clean frame s at RoPE frame slot s; the noisy clip follows at
 slots H..H+n-1 (H = frames in the history). All layouts come from `layout.clip_layout`.
@@ -210,8 +211,7 @@ class Placement:
                              "sampling runs on a mesh of this process's devices, each process of "
                              "a multi-host run sampling its own videos")
         rules = DEFAULT_LOGICAL_RULES if rules is None else rules
-        return cls(mesh, tuple((k, v if v is None or isinstance(v, str) else tuple(v))
-                               for k, v in rules))
+        return cls(mesh, shard_lib.canonical_rules(rules))
 
     @property
     def batch_multiple(self) -> int:
@@ -465,24 +465,22 @@ def _extend_cache(graphdef, state, cache: KVCache, clean_BNhwc, placement=None,
     return _cache_out(cache, placement)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 7), static_argnames="placement")
-def _denoise_cached(graphdef, state, cache: KVCache, z0_BNhwc, sigmas, guided, guidance,
-                    prediction_type="x1", placement=None, conditions=None):
+def _denoise(x1_fn_of, graphdef, state, context, z0_BNhwc, sigmas, guided, guidance,
+             prediction_type="x1", placement=None, conditions=None):
+    """One clip's Euler integration with the denoiser `x1_fn_of(model, context, ...)` builds."""
     model = nnx.merge(graphdef, state)
     L = _block_len(model, z0_BNhwc)
     with _on(placement):
-        x1_fn = cached_x1_fn(model, cache, z0_BNhwc.shape[1], L, guided, conditions)
+        x1_fn = x1_fn_of(model, context, z0_BNhwc.shape[1], L, guided, conditions)
         return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 7), static_argnames="placement")
-def _denoise_recompute(graphdef, state, history_BHhwc, z0_BNhwc, sigmas, guided, guidance,
-                       prediction_type="x1", placement=None, conditions=None):
-    model = nnx.merge(graphdef, state)
-    L = _block_len(model, z0_BNhwc)
-    with _on(placement):
-        x1_fn = recompute_x1_fn(model, history_BHhwc, z0_BNhwc.shape[1], L, guided, conditions)
-        return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
+_denoise_jit = functools.partial(jax.jit, static_argnums=(0, 5, 7), static_argnames="placement")
+# (graphdef, state, context, z0, sigmas, guided, guidance, prediction_type, placement=,
+# conditions=): `context` is the history's KV cache, or for the release's recompute the clean
+# history latents [B, H, h, w, C] themselves.
+_denoise_cached = _denoise_jit(functools.partial(_denoise, cached_x1_fn))
+_denoise_recompute = _denoise_jit(functools.partial(_denoise, recompute_x1_fn))
 
 
 def shift_positions(x_BTHD, delta: int, model_cfg: ModelConfig):
@@ -588,6 +586,178 @@ def empty_cache(model_cfg: ModelConfig, batch: int) -> KVCache:
     return KVCache(LayerKV(kv, kv), meta)
 
 
+# ----------------------------------------------------------------------------- the history
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """The device side of one `sample_video` call: its model (split), placement, padded batch
+    and conditions, and the compiled kernels bound to them."""
+    graphdef: object
+    state: object
+    model_cfg: ModelConfig
+    cfg: SamplerConfig
+    sigmas: jax.Array
+    L: int
+    batch: int
+    rows: int                      # the device batch: `batch` padded to whole batch shards
+    placement: Placement | None
+    class_id: np.ndarray | None
+    actions: np.ndarray | None
+    variants: tuple[Branch, ...]   # the cache's rows per video (`cache_variants`)
+    text: tuple[np.ndarray, np.ndarray] | None = None  # (embeddings [B, N, D], mask [B, N])
+
+    def dev(self, x_B):
+        """Host [B, ...] -> the device batch (on a mesh: padded and split over `batch`)."""
+        return x_B if self.placement is None else self.placement.put(
+            _pad_batch(x_B, self.rows), BATCH_AXES)
+
+    def dev_variants(self, x_B):
+        """Host [B, ...] -> the cache's device rows, `len(variants)` per video, interleaved."""
+        x = _pad_batch(x_B, self.rows)
+        x = np.repeat(x, len(self.variants), axis=0) if len(self.variants) > 1 else x
+        return x if self.placement is None else self.placement.put(x, BATCH_AXES)
+
+    def conditions(self, row_kinds, ids, new):
+        """The conditions of a call over the frames `ids` (absolute indices), `new` of them new."""
+        if self.class_id is None and self.actions is None and self.text is None:
+            return None
+        cond = window_conditions(
+            self.model_cfg, self.L, row_kinds, len(ids), new,
+            None if self.class_id is None else _pad_batch(self.class_id, self.rows),
+            None if self.actions is None else _pad_batch(self.actions[:, ids], self.rows),
+            None if self.text is None else tuple(_pad_batch(a, self.rows) for a in self.text))
+        if cond is None or self.placement is None:
+            return cond
+        return jax.tree.map(lambda a: self.placement.put(a, BATCH_AXES), cond)
+
+    def build_cache(self, frames, ids) -> KVCache:
+        if frames.shape[1]:
+            return _build_cache(self.graphdef, self.state, self.dev_variants(frames),
+                                placement=self.placement,
+                                conditions=self.conditions(self.variants, ids, 0))
+        cache = empty_cache(self.model_cfg, self.rows * len(self.variants))
+        return cache if self.placement is None else self.placement.put_cache(cache)
+
+    def extend_cache(self, cache, new, ids) -> KVCache:
+        """`cache` with the clean frames `new` after it; `ids`: the whole history's, `new` last."""
+        return _extend_cache(self.graphdef, self.state, cache, self.dev_variants(new),
+                             placement=self.placement,
+                             conditions=self.conditions(self.variants, ids, new.shape[1]))
+
+    def evict(self, cache, drop: int, anchors: int) -> KVCache:
+        return _evict(cache, drop, anchors, self.L, self.model_cfg, placement=self.placement)
+
+    def denoise_cached(self, cache, z0, branches, guidance, conditions):
+        return _denoise_cached(self.graphdef, self.state, cache, z0, self.sigmas, branches,
+                               guidance, self.cfg.prediction_type, placement=self.placement,
+                               conditions=conditions)
+
+    def denoise_recompute(self, frames, z0, branches, guidance, conditions):
+        return _denoise_recompute(self.graphdef, self.state, self.dev(frames), z0, self.sigmas,
+                                  branches, guidance, self.cfg.prediction_type,
+                                  placement=self.placement, conditions=conditions)
+
+
+class _History:
+    """The frames the next clip sees, in one owner: host latents [B, H, h, w, C] (they reach
+    the device only when a kernel needs them) and each frame's absolute index (which actions
+    it carries). The clip loop calls `make_room(n)`, `denoise(...)`, then `append(new, ids)`;
+    each cache mode is one subclass, saying how room is made and what the denoiser sees."""
+
+    def __init__(self, run: _Run, frames: np.ndarray):
+        self.run, self.frames = run, frames
+        self.ids = np.arange(frames.shape[1])
+
+    def __len__(self) -> int:
+        return self.frames.shape[1]
+
+    def make_room(self, n: int) -> None:
+        """Before a clip of `n` frames: evict what does not fit the window (the one decision)."""
+        drop = len(self) + n - self.run.cfg.window
+        if drop > 0:
+            self.evict(drop)
+
+    def evict(self, drop: int) -> None:
+        """The mode's reset: by default the newest frames stay."""
+        self._cut(0, drop)
+
+    def _cut(self, first: int, drop: int) -> None:
+        """Drop `drop` frames from frame `first` on (the host side of every mode's reset)."""
+        self.frames = np.concatenate([self.frames[:, :first], self.frames[:, first + drop:]],
+                                     axis=1)
+        self.ids = np.concatenate([self.ids[:first], self.ids[first + drop:]])
+
+    def append(self, new: np.ndarray, ids: np.ndarray) -> None:
+        """A finished clip's clean (or context-noised) latents join the history."""
+        self.frames = np.concatenate([self.frames, new], axis=1)
+        self.ids = np.concatenate([self.ids, ids])
+
+    def denoise(self, k: int, z0, branches, guidance, conditions):
+        raise NotImplementedError
+
+
+class _RecomputeHistory(_History):
+    """`cache_mode="recompute"` (the release): the whole history runs at every Euler step; a
+    full window keeps its newest frames. `renoise(k, frames)`: the history as clip k sees it
+    (`renoise_context`), or None."""
+
+    def __init__(self, run: _Run, frames: np.ndarray, renoise=None):
+        super().__init__(run, frames)
+        self.renoise = renoise
+
+    def denoise(self, k, z0, branches, guidance, conditions):
+        seen = self.frames if self.renoise is None or k == 0 else self.renoise(k, self.frames)
+        return self.run.denoise_recompute(seen, z0, branches, guidance, conditions)
+
+
+class _CachedHistory(_History):
+    """The cache modes: the history's exact KV cache, built once, extended by each clip that
+    joins. The newest `uncached` frames are not in it yet: they are added when the cache is
+    next needed (a window reset in between drops them unencoded)."""
+
+    def __init__(self, run: _Run, frames: np.ndarray):
+        super().__init__(run, frames)
+        self.cache, self.uncached = None, 0  # built lazily: after a reset positions restart at 0
+
+    def append(self, new, ids):
+        super().append(new, ids)
+        self.uncached += new.shape[1]
+
+    def cached(self) -> KVCache:
+        """The cache of the whole history, brought up to date."""
+        if self.cache is None:
+            self.cache = self.run.build_cache(self.frames, self.ids)
+        elif self.uncached:
+            new = self.frames[:, len(self) - self.uncached:]
+            self.cache = self.run.extend_cache(self.cache, new, self.ids)
+        self.uncached = 0
+        return self.cache
+
+    def denoise(self, k, z0, branches, guidance, conditions):
+        return self.run.denoise_cached(self.cached(), z0, branches, guidance, conditions)
+
+
+class _WindowHistory(_CachedHistory):
+    """`cache_mode="window"` (the reference): a full window keeps its newest frames, positions
+    restarting at 0, and the cache is rebuilt."""
+
+    def evict(self, drop):
+        super().evict(drop)
+        self.cache, self.uncached = None, 0
+
+
+class _RollingHistory(_CachedHistory):
+    """`cache_mode="rolling"`: a full window drops its oldest frames after the anchors from the
+    cache and re-indexes the rest (`_evict`), with no rebuild."""
+
+    def evict(self, drop):
+        anchors = self.run.cfg.anchor_frames
+        if self.cache is not None:  # kept frames carry what they saw of the dropped ones
+            self.cache = self.run.evict(self.cached(), drop, anchors)
+        self._cut(anchors, drop)
+
+
 # ----------------------------------------------------------------------------- the clip loop
 
 
@@ -640,93 +810,47 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
     if placement is not None:
         model = placement.place_model(model)
     graphdef, state = nnx.split(model)
-    sigmas = jnp.asarray(time_grid(cfg.steps, cfg.time_shift))
     # On a mesh the device batch is padded to whole batch shards; host arrays keep B rows.
     multiple = 1 if placement is None else placement.batch_multiple
     rows = -(-batch // multiple) * multiple
-
-    def dev(x_B):
-        return x_B if placement is None else placement.put(_pad_batch(x_B, rows), BATCH_AXES)
-
-    def host(x_rows) -> np.ndarray:
-        return np.asarray(x_rows)[:batch]
-
     # Condition guidance encodes the history twice (with and without conditions): the cache
     # holds `len(variants)` rows per video, interleaved.
     conditioned = class_id is not None or actions is not None or text is not None
     cond_guided = cfg.condition_guidance != 1.0 and conditioned
-    variants = cache_variants(guidance_branches(False, cond_guided))
+    run = _Run(graphdef, state, model_cfg, cfg, jnp.asarray(time_grid(cfg.steps, cfg.time_shift)),
+               L, batch, rows, placement, class_id, actions,
+               cache_variants(guidance_branches(False, cond_guided)), text)
 
-    def dev_variants(x_B):
-        x = _pad_batch(x_B, rows)
-        x = np.repeat(x, len(variants), axis=0) if len(variants) > 1 else x
-        return x if placement is None else placement.put(x, BATCH_AXES)
+    def noised(k, x):
+        """(1 - c) x + c eps with clip k's context eps (given, or drawn from the seeds)."""
+        eps = _draw(context_eps_per_clip, k, x.shape, "context_eps_per_clip",
+                    lambda: context_eps(seeds, x.shape[1:], k))
+        return add_context_noise(x, eps, cfg.context_noise)
 
-    def conditions_of(row_kinds, ids, new):
-        """The conditions of a call over the frames `ids` (absolute indices), `new` of them new."""
-        if not conditioned:
-            return None
-        cond = window_conditions(
-            model_cfg, L, row_kinds, len(ids), new,
-            None if class_id is None else _pad_batch(class_id, rows),
-            None if actions is None else _pad_batch(actions[:, ids], rows),
-            None if text is None else tuple(_pad_batch(a, rows) for a in text))
-        if cond is None or placement is None:
-            return cond
-        return jax.tree.map(lambda a: placement.put(a, BATCH_AXES), cond)
-
-    # The history lives on the host: it only reaches the device when a cache is (re)built.
-    history = (np.zeros((batch, 0, h, w, c), np.float32) if context_BFhwc is None
-               else context_BFhwc)
-    use_cache = cfg.cache_mode != "recompute"
-    cache = None  # built lazily: after a window reset its positions restart at 0
-    # The absolute frame index of each history frame: which actions the window's frames carry.
-    frame_ids = np.arange(history.shape[1])
+    frames = (np.zeros((batch, 0, h, w, c), np.float32) if context_BFhwc is None
+              else context_BFhwc)
+    if cfg.cache_mode == "recompute":
+        history = _RecomputeHistory(
+            run, frames, noised if cfg.renoise_context and cfg.context_noise > 0 else None)
+    elif cfg.cache_mode == "rolling":
+        history = _RollingHistory(run, frames)
+    else:
+        history = _WindowHistory(run, frames)
     clips = []
     for k, n in enumerate(clip_sizes):
-        hist = history.shape[1]
-        if hist + n > cfg.window:
-            keep = cfg.window - n
-            if cfg.cache_mode == "rolling":
-                drop = hist - keep
-                a = cfg.anchor_frames
-                history = np.concatenate([history[:, :a], history[:, a + drop:]], axis=1)
-                frame_ids = np.concatenate([frame_ids[:a], frame_ids[a + drop:]])
-                if cache is not None:
-                    cache = _evict(cache, drop, a, L, model_cfg, placement=placement)
-            else:
-                history, frame_ids, cache = history[:, hist - keep:], frame_ids[hist - keep:], None
-        if use_cache and cache is None:
-            if history.shape[1]:
-                cache = _build_cache(graphdef, state, dev_variants(history), placement=placement,
-                                     conditions=conditions_of(variants, frame_ids, 0))
-            else:
-                cache = empty_cache(model_cfg, rows * len(variants))
-                cache = cache if placement is None else placement.put_cache(cache)
-        history_guided = cfg.guidance != 1.0 and history.shape[1] > 0
+        history.make_room(n)
+        history_guided = cfg.guidance != 1.0 and len(history) > 0
         branches = guidance_branches(history_guided, cond_guided)
         scales = ([cfg.guidance] if history_guided else []) + (
             [cfg.condition_guidance] if cond_guided else [])
         guidance = jnp.asarray(scales or [1.0], jnp.float32)
         start = context_frames + sum(clip_sizes[:k])
         clip_ids = np.arange(start, start + n)
-        clip_conditions = conditions_of(branches, np.concatenate([frame_ids, clip_ids]), n)
+        clip_conditions = run.conditions(branches, np.concatenate([history.ids, clip_ids]), n)
         z0 = _draw(noise_per_clip, k, (batch, n, h, w, c), "noise_per_clip",
                    lambda: initial_noise(seeds, (n, h, w, c), k, cfg.same_noise_every_clip))
-        if use_cache:
-            clip = _denoise_cached(graphdef, state, cache, dev(z0), sigmas, branches, guidance,
-                                   cfg.prediction_type, placement=placement,
-                                   conditions=clip_conditions)
-        else:
-            seen = history
-            if cfg.renoise_context and k > 0 and cfg.context_noise > 0:
-                eps = _draw(context_eps_per_clip, k, history.shape, "context_eps_per_clip",
-                            lambda: context_eps(seeds, history.shape[1:], k))
-                seen = add_context_noise(history, eps, cfg.context_noise)
-            clip = _denoise_recompute(graphdef, state, dev(seen), dev(z0), sigmas, branches,
-                                      guidance, cfg.prediction_type, placement=placement,
-                                      conditions=clip_conditions)
-        clips.append(host(clip))
+        clip = history.denoise(k, run.dev(z0), branches, guidance, clip_conditions)
+        clips.append(np.asarray(clip)[:batch])
         if on_clip is not None:
             on_clip(k, clips[-1])
         if k + 1 == len(clip_sizes):
@@ -734,14 +858,6 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
         new = np.asarray(to_context(k, clips[-1]) if to_context is not None else clips[-1],
                          np.float32)
         if cfg.context_noise > 0 and not cfg.renoise_context:
-            eps = _draw(context_eps_per_clip, k, new.shape, "context_eps_per_clip",
-                        lambda: context_eps(seeds, new.shape[1:], k))
-            new = add_context_noise(new, eps, cfg.context_noise)
-        history = np.concatenate([history, new], axis=1)
-        frame_ids = np.concatenate([frame_ids, clip_ids])
-        if use_cache:
-            resets = cfg.cache_mode == "window" and history.shape[1] + clip_sizes[k + 1] > cfg.window
-            cache = None if resets else _extend_cache(
-                graphdef, state, cache, dev_variants(new), placement=placement,
-                conditions=conditions_of(variants, frame_ids, n))
+            new = noised(k, new)
+        history.append(new, clip_ids)
     return np.concatenate(clips, axis=1)

@@ -7,11 +7,33 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from vgpt_jax.config import MESH_AXES
 
 _ACTIVE = contextvars.ContextVar("vgpt_sharding", default=None)
+
+
+def mesh_axes(entry) -> tuple[str, ...]:
+    """A rule's or a PartitionSpec entry's mesh axes as a tuple: None -> (), "fsdp" ->
+    ("fsdp",), a sequence -> its tuple."""
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def spec_entry(axes) -> str | tuple[str, ...] | None:
+    """The inverse, PartitionSpec's form: () -> None, one axis -> its name, more -> the tuple."""
+    return None if not axes else (axes[0] if len(axes) == 1 else tuple(axes))
+
+
+def canonical_rules(rules) -> tuple:
+    """Rules [(logical, mesh axes), ...] as a hashable tuple, each entry None, a name or a tuple."""
+    return tuple((r[0], r[1] if r[1] is None or isinstance(r[1], str) else tuple(r[1]))
+                 for r in rules)
 
 
 def logical_to_spec(names, rules) -> PartitionSpec:
@@ -19,11 +41,10 @@ def logical_to_spec(names, rules) -> PartitionSpec:
     table = dict((k, v) for k, v in rules)
     used, out = set(), []
     for name in names:
-        axes = table.get(name)
-        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-        axes = tuple(a for a in axes if a not in used)  # a mesh axis shards one dimension only
+        # a mesh axis shards one dimension only
+        axes = tuple(a for a in mesh_axes(table.get(name)) if a not in used)
         used.update(axes)
-        out.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
+        out.append(spec_entry(axes))
     return PartitionSpec(*out)
 
 
@@ -56,15 +77,8 @@ def constrain(x, names):
 # Axis types: every mesh axis is `AxisType.Auto` (GSPMD propagation), a deliberate choice: the
 # model annotates activations with `with_sharding_constraint` (via `constrain`) and lets XLA
 # propagate the rest, which only Auto axes allow; Explicit axes would need `out_sharding` on
-# every ambiguous op inside the model and `reshard` instead of constraints.
-
-import math  # noqa: E402
-
-import numpy as np  # noqa: E402
-from jax.experimental import mesh_utils  # noqa: E402
-from jax.sharding import AxisType, Mesh  # noqa: E402
-
-MESH_AXES = ("data", "fsdp", "context", "tensor")
+# every ambiguous op inside the model and `reshard` instead of constraints. The axes are
+# `config.MESH_AXES`.
 
 
 def _resolve(sizes: dict, total: int, what: str) -> list[int]:
@@ -105,21 +119,19 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 
 def rules_of(mesh_cfg) -> tuple:
-    return tuple((r[0], None if r[1] is None else (r[1] if isinstance(r[1], str) else tuple(r[1])))
-                 for r in mesh_cfg.rules)
+    return canonical_rules(mesh_cfg.rules)
 
 
 def fit_spec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
     """Drop mesh axes that do not divide their dimension (those dims stay replicated)."""
     out = []
-    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
-        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    for i, entry in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
         kept, size = [], 1
-        for a in axes:
+        for a in mesh_axes(entry):
             if shape[i] % (size * mesh.shape[a]) == 0:
                 kept.append(a)
                 size *= mesh.shape[a]
-        out.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+        out.append(spec_entry(kept))
     return PartitionSpec(*out)
 
 
@@ -148,9 +160,7 @@ def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
 
 def batch_shards(mesh: Mesh, rules) -> int:
     """How many ways the batch dimension is split."""
-    spec = logical_to_spec(("batch",), rules)[0]
-    axes = () if spec is None else ((spec,) if isinstance(spec, str) else spec)
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in mesh_axes(logical_to_spec(("batch",), rules)[0]))
 
 
 def check_sufficiently_sharded(params, mesh: Mesh, tolerance: float) -> float:

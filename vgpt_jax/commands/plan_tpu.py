@@ -17,7 +17,8 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vgpt plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True,
-                   help="stage1..stage4, tiny_test, a configs/*.py path, or a model preset")
+                   help="stage1..stage4 (configs/curriculum.py), tiny_test, a configs/*.py[:argument] "
+                        "path, or a model preset")
     p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5p:8x8x4, v5e:16x16")
     p.add_argument("--mesh", required=True, help="axis=size pairs, e.g. fsdp=8,context=8")
     p.add_argument("--remat", default=None,

@@ -1,6 +1,6 @@
 """Train Video-GPT from a config file (`vgpt train`, or `python tools/train.py`):
 
-    vgpt train --config configs/stage1.py --workdir /ckpt/stage1 [--config.train.steps=1000 ...]
+    vgpt train --config configs/curriculum.py:stage1 --workdir runs/stage1 [--config.train.steps=1000 ...]
 
 Re-running with the same workdir resumes from its newest checkpoint that verifies (a corrupt
 one is skipped with a warning). A SIGTERM (preemption) saves a checkpoint and exits with status

@@ -4,8 +4,8 @@
   python tools/train_vae.py --input frames.npy --downsample 4 --out runs/vae_small
   python tools/train_vae.py --synthetic 512 --size 64 64 --steps 2000 --out /tmp/vae_discs
 
---input: a .npy/.npz (uint8 [N, H, W, 3]), a video file, or a folder of videos (mp4, avi, mkv, webm, mov, gif)
-and/or images (png, jpg). Frames are centre-cropped and resized to --size. The result loads with
+--input: a .npy/.npz (uint8 [N, H, W, 3]), a video file, or a folder of videos (mp4, mov, mkv, avi, webm,
+gif, ...: `video_io.VIDEO_EXTENSIONS`) and/or images (png, jpg). Frames are centre-cropped and resized to --size. The result loads with
 `make_latent_space({"kind": "autoencoder_kl", "path": OUT})` and with `diffusers.AutoencoderKL.from_pretrained(OUT)`.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import sys
 
 import numpy as np
 
+from vgpt_jax.data.video_io import VIDEO_EXTENSIONS, iter_frames
 from vgpt_jax.vae.train import TrainOptions, default_small_config, synthetic_disc_frames, train_small_vae
 
-VIDEO_EXT = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".gif")
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp")
 
 
@@ -39,16 +39,7 @@ def _fit(img: np.ndarray, size) -> np.ndarray:
 
 
 def _video_frames(path, size, every, limit):
-    import av
-
-    out = []
-    with av.open(path) as c:
-        for i, fr in enumerate(c.decode(video=0)):
-            if i % every == 0:
-                out.append(_fit(fr.to_ndarray(format="rgb24"), size))
-            if limit and len(out) >= limit:
-                break
-    return out
+    return [_fit(f, size) for f in iter_frames(path, stride=every, max_frames=limit or None)]
 
 
 def load_frames(path: str, size=None, every: int = 1, max_frames: int | None = None) -> np.ndarray:
@@ -69,7 +60,7 @@ def load_frames(path: str, size=None, every: int = 1, max_frames: int | None = N
         frames = []
         for name in sorted(os.listdir(path)):
             full, low = os.path.join(path, name), name.lower()
-            if low.endswith(VIDEO_EXT):
+            if low.endswith(VIDEO_EXTENSIONS):
                 frames += _video_frames(full, size, every, max_frames and max_frames - len(frames))
             elif low.endswith(IMAGE_EXT):
                 frames.append(_fit(np.asarray(Image.open(full).convert("RGB")), size))

@@ -38,7 +38,7 @@ from vgpt_jax.data import store as store_lib
 from vgpt_jax.data import video_io
 from vgpt_jax.vae.latent_space import LatentNormalization, make_latent_space, raw_space, with_normalization
 
-VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm", ".gif", ".mpg", ".mpeg", ".flv")
+VIDEO_EXTENSIONS = video_io.VIDEO_EXTENSIONS
 TOO_SMALL, BAD_ASPECT, TOO_SHORT = "too_small", "bad_aspect", "too_short"
 SIZE_MISMATCH = "size_mismatch"
 DECODER_CRASH = "decoder_crash"  # the decoding process died on the file (see data.ingest_pool)

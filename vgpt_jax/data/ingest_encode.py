@@ -8,9 +8,9 @@ compute on the host (space-to-depth) are used as they are. All drivers encode th
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
+
+from vgpt_jax.vae.latent_space import AutoencoderKLSpace
 
 
 class LocalDeviceEncoder:
@@ -19,7 +19,7 @@ class LocalDeviceEncoder:
 
     Each call is zero-padded to `batch` frames rounded up to a multiple of the device count (the
     padding is dropped). It takes the posterior mean through the space's own jitted encode
-    (`autoencoder_kl._encode_batch`), so it computes what `space.encode(seed=None)` does.
+    (`latent_space.vae_batch_fns`), so it computes what `space.encode(seed=None)` does.
     """
 
     def __init__(self, space, batch: int, devices=None):
@@ -36,7 +36,8 @@ class LocalDeviceEncoder:
 
     def encode(self, frames_NHW3, *, seed=None):
         import jax
-        from vgpt_jax.vae.autoencoder_kl import _encode_batch
+
+        from vgpt_jax.vae.latent_space import vae_batch_fns
 
         if seed is not None:
             raise ValueError("LocalDeviceEncoder takes the posterior mean only (seed=None)")
@@ -46,7 +47,7 @@ class LocalDeviceEncoder:
         pad = -(-n // self._padded) * self._padded - n
         if pad:
             x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-        z = _encode_batch(self.space._graphdef, self._state, jax.device_put(x, self._batch_sharding), self._key,
+        z = vae_batch_fns()[0](self.space._graphdef, self._state, jax.device_put(x, self._batch_sharding), self._key,
                           self.space.scaling_factor, self.space.shift_factor, self.space.dtype, 0.0)
         return np.asarray(z)[:n]
 
@@ -54,7 +55,6 @@ class LocalDeviceEncoder:
 def device_encoder(space, batch: int):
     """The encoder a process ingests with (see the module docstring); `batch` is
     `IngestConfig.encode_batch`, the frames per encode call."""
-    vae_module = sys.modules.get("vgpt_jax.vae.autoencoder_kl")  # not loaded: no VAE (and no flax import)
-    if vae_module is not None and isinstance(space, vae_module.AutoencoderKLSpace):
+    if isinstance(space, AutoencoderKLSpace):
         return LocalDeviceEncoder(space, batch)
     return space

@@ -209,15 +209,6 @@ def _combine(a: dict | None, b: dict) -> dict:
             "m2": a["m2"] + b["m2"] + delta ** 2 * (a["count"] * b["count"] / n)}
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # the file exists whole or not at all
-
-
 def finish_shard(job: IngestJob, task: ShardTask, result_of: Callable[[str], tuple]) -> dict:
     """Write a shard from its videos' results and return its manifest. `result_of(rel)` gives
     `("ok", record bytes)` or `("skip", kind, reason)` for every video of the task; records are
@@ -285,10 +276,11 @@ class Journal:
         """`result`: `("ok", record bytes)` or `("skip", kind, reason)`."""
         key = self._key(rel)
         if result[0] == "ok":
-            _atomic_write_bytes(key + ".rec", result[1])
+            with store_lib.atomic_write(key + ".rec", "wb") as f:
+                f.write(result[1])
         else:
-            _atomic_write_bytes(key + ".skip.json", json.dumps(
-                {"file": rel, "kind": result[1], "reason": result[2]}).encode())
+            with store_lib.atomic_write(key + ".skip.json", "wb") as f:
+                f.write(json.dumps({"file": rel, "kind": result[1], "reason": result[2]}).encode())
         if self._delay:
             time.sleep(self._delay)
 

@@ -25,6 +25,7 @@ normalises each one.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import os
 import struct
@@ -110,13 +111,22 @@ def _split_record(record: bytes, where: str):
     return header, payload, dtype
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", **open_kw):
+    """`with atomic_write(path, "wb") as f: ...`: write a temporary file next to `path`, synced,
+    then rename it over `path`, so the file exists whole or not at all (the one atomic-write
+    helper: stores, ingestion's per-video results, feature chunks, label files)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+    with open(tmp, mode, **open_kw) as f:
+        yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
 
 
 def make_manifest(shards: list[str], counts: list[int], shapes: list[list[int]], *, dtype: str,

@@ -10,6 +10,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
+# The file endings read as video wherever a folder is scanned (ingestion, held-out folders, VAE
+# training data); what `write_video` writes is `WRITE_EXTENSIONS`.
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm", ".gif", ".mpg", ".mpeg", ".flv")
+
 # Reasons a file can be unreadable; ingestion groups its summary by these.
 EMPTY = "empty"
 CORRUPT = "corrupt"

@@ -23,6 +23,7 @@ import os
 import numpy as np
 
 from vgpt_jax.data import physics_world
+from vgpt_jax.data.store import atomic_write
 
 LABELS = ("scenario", "num_balls", "collision")
 COLUMNS = ("name", "group", "take") + LABELS
@@ -80,12 +81,10 @@ def make_probe_set(cfg: ProbeSetConfig) -> tuple[list[physics_world.PhysicsClip]
 
 def write_labels(rows: list[dict], path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 

@@ -29,13 +29,6 @@ from vgpt_jax.layout import ConditionLayout, TokenMeta
 from vgpt_jax.model import rope
 from vgpt_jax.sharding import constrain
 
-REMAT_POLICIES = {
-    "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
 class LayerKV(NamedTuple):
     """Keys and values (after RoPE) of every layer: [layers, B, S, KV, D] each."""
     k: jax.Array
@@ -152,8 +145,9 @@ class DecoderStack(nnx.Module):
                 return carry, tap(x)
             return carry, (LayerKV(k, v) if return_kv else None)
 
-        if cfg.remat_policy != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat_policy])
+        if cfg.remat_policy != "none":  # a `config.REMAT_POLICIES` name
+            layer = jax.checkpoint(layer, policy=None if cfg.remat_policy == "full" else
+                                   getattr(jax.checkpoint_policies, cfg.remat_policy))
         params = self._layer_params()
         x = constrain(x_BTD.astype(cdt), ("batch", "sequence", "embed"))
         carry = x if conditions is None else (x, x_cond.astype(cdt))

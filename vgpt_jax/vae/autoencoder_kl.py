@@ -1,4 +1,6 @@
-"""The diffusers `AutoencoderKL` in Flax NNX, its diffusers-format loader/saver, and a latent space on it.
+"""The diffusers `AutoencoderKL` in Flax NNX and its diffusers-format loader/saver.
+
+The latent space over it (`AutoencoderKLSpace`) lives with the interface, in `vgpt_jax.vae.latent_space`.
 
 Architecture follows diffusers 0.42 (`models/autoencoders/{autoencoder_kl,vae}.py`, `resnet.py`,
 `attention_processor.py`, `downsampling.py`, `upsampling.py`), but channels-last (NHWC) throughout:
@@ -16,7 +18,6 @@ conv OIHW <-> HWIO, linear [out, in] <-> [in, out].
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any
@@ -25,8 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-from vgpt_jax.vae.latent_space import LatentSpace
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -434,80 +433,3 @@ def load_autoencoder_kl(path_or_repo: str, *, subfolder: str | None = None, seed
         var.set_value(jnp.asarray(new_values[path]))
     nnx.update(model, state)
     return model
-
-
-# ------------------------------------------------------------------------------------------ latent space
-# Module-level jits keyed on the (static) graphdef: every space over the same architecture and batch shape
-# shares one compilation (training builds several spaces: untrained, trained, ...).
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _encode_batch(graphdef, state, x_u8, key, scale, shift, dtype, noise_scale):
-    m = nnx.merge(graphdef, state)
-    x = (x_u8.astype(jnp.float32) / 127.5 - 1.0).astype(dtype)
-    mean, logvar = m.encode_moments(x)
-    # noise_scale 0 (mean) or 1 (sample) is traced, so both modes share one compilation.
-    eps = jax.random.normal(key, mean.shape, jnp.float32)
-    z = mean.astype(jnp.float32) + noise_scale * jnp.exp(0.5 * logvar.astype(jnp.float32)) * eps
-    return (z - shift) * scale
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _decode_batch(graphdef, state, lat, scale, shift, dtype):
-    m = nnx.merge(graphdef, state)
-    x = m.decode((lat / scale + shift).astype(dtype)).astype(jnp.float32)
-    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-
-class AutoencoderKLSpace(LatentSpace):
-    """A LatentSpace over an `AutoencoderKL`: latents are `(z - shift_factor) * scaling_factor`.
-
-    Frames go through the VAE in batches of `batch_size` (the last batch is zero-padded so one compiled
-    shape serves a whole video) to bound memory on long videos. `dtype=jnp.bfloat16` casts weights and
-    activations (GroupNorm statistics and attention logits stay float32); outputs are float32 regardless.
-    """
-
-    def __init__(self, vae: AutoencoderKL, *, batch_size: int = 8, dtype=jnp.float32,
-                 scaling_factor: float | None = None, shift_factor: float | None = None):
-        cfg = vae.config
-        self.vae, self.batch_size, self.dtype = vae, int(batch_size), jnp.dtype(dtype)
-        self.downsample, self.channels = cfg.downsample, cfg.latent_channels
-        self.scaling_factor = float(cfg.scaling_factor if scaling_factor is None else scaling_factor)
-        shift = cfg.shift_factor if shift_factor is None else shift_factor
-        self.shift_factor = float(shift or 0.0)
-        graphdef, state = nnx.split(vae)
-        state = jax.tree.map(lambda a: a.astype(self.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
-        self._graphdef, self._state = graphdef, state
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo: str, *, subfolder: str | None = None, **kw) -> "AutoencoderKLSpace":
-        return cls(load_autoencoder_kl(path_or_repo, subfolder=subfolder), **kw)
-
-    def _batched(self, fn, x: np.ndarray) -> np.ndarray:
-        n, b = x.shape[0], self.batch_size
-        outs = []
-        for i, start in enumerate(range(0, n, b)):
-            chunk = x[start:start + b]
-            k = chunk.shape[0]
-            if k < b and n > b:  # pad so the tail reuses the compiled shape
-                chunk = np.concatenate([chunk, np.zeros((b - k,) + chunk.shape[1:], chunk.dtype)])
-            outs.append(np.asarray(fn(i, chunk))[:k])
-        return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
-
-    def encode(self, frames_NHW3, *, seed=None):
-        """uint8 `[N, H, W, 3]` -> float32 `[N, H/d, W/d, C]`; seed None = posterior mean, else a sample."""
-        self.check_frames(frames_NHW3)
-        x = np.asarray(frames_NHW3, np.uint8)
-        base = jax.random.key(0 if seed is None else seed)
-        return self._batched(lambda i, c: _encode_batch(
-            self._graphdef, self._state, c, jax.random.fold_in(base, i), self.scaling_factor, self.shift_factor,
-            self.dtype, 0.0 if seed is None else 1.0), x)
-
-    def decode(self, latents_NhwC):
-        """float `[N, h, w, C]` -> uint8 `[N, h*d, w*d, 3]`."""
-        z = np.asarray(latents_NhwC, np.float32)
-        if z.ndim != 4 or z.shape[-1] != self.channels:
-            raise ValueError(f"latents: expected [N, h, w, {self.channels}], got {z.shape}")
-        return self._batched(lambda i, c: _decode_batch(
-            self._graphdef, self._state, c, self.scaling_factor, self.shift_factor, self.dtype), z)
-
-    def save_pretrained(self, folder: str) -> None:
-        self.vae.save_pretrained(folder)

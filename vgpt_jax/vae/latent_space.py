@@ -17,18 +17,23 @@ normalisations disagree (`check_same_normalization`).
 
 Implementations:
 - `SpaceToDepth`: pixels as latents (no learning), for tests and tiny demos; round-trips exactly.
-- `AutoencoderKLSpace` (in `vgpt_jax.vae.autoencoder_kl`): the diffusers AutoencoderKL in NNX,
-  with SDXL-VAE weights or a small VAE trained by `tools/train_vae.py`.
+- `AutoencoderKLSpace`: the diffusers AutoencoderKL in NNX (`vgpt_jax.vae.autoencoder_kl`),
+  with SDXL-VAE weights or a small VAE trained by `vgpt train-vae`.
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from vgpt_jax.vae.autoencoder_kl import AutoencoderKL
 
 
 class LatentSpace(abc.ABC):
@@ -221,6 +226,105 @@ def with_normalization(space: LatentSpace, normalization: LatentNormalization | 
     return base if normalization is None else NormalizedSpace(base, normalization)
 
 
+class AutoencoderKLSpace(LatentSpace):
+    """A LatentSpace over an `AutoencoderKL`: latents are `(z - shift_factor) * scaling_factor`.
+
+    Frames go through the VAE in batches of `batch_size` (the last batch is zero-padded so one compiled
+    shape serves a whole video) to bound memory on long videos. `dtype=jnp.bfloat16` casts weights and
+    activations (GroupNorm statistics and attention logits stay float32); outputs are float32 regardless.
+    jax and flax are imported on construction, so the other spaces stay free of them.
+    """
+
+    def __init__(self, vae: AutoencoderKL, *, batch_size: int = 8, dtype="float32",
+                 scaling_factor: float | None = None, shift_factor: float | None = None):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        cfg = vae.config
+        self.vae, self.batch_size, self.dtype = vae, int(batch_size), jnp.dtype(dtype)
+        self.downsample, self.channels = cfg.downsample, cfg.latent_channels
+        self.scaling_factor = float(cfg.scaling_factor if scaling_factor is None else scaling_factor)
+        shift = cfg.shift_factor if shift_factor is None else shift_factor
+        self.shift_factor = float(shift or 0.0)
+        graphdef, state = nnx.split(vae)
+        state = jax.tree.map(lambda a: a.astype(self.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+        self._graphdef, self._state = graphdef, state
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str, *, subfolder: str | None = None, **kw) -> "AutoencoderKLSpace":
+        from vgpt_jax.vae.autoencoder_kl import load_autoencoder_kl
+
+        return cls(load_autoencoder_kl(path_or_repo, subfolder=subfolder), **kw)
+
+    def _batched(self, fn, x: np.ndarray) -> np.ndarray:
+        n, b = x.shape[0], self.batch_size
+        outs = []
+        for i, start in enumerate(range(0, n, b)):
+            chunk = x[start:start + b]
+            k = chunk.shape[0]
+            if k < b and n > b:  # pad so the tail reuses the compiled shape
+                chunk = np.concatenate([chunk, np.zeros((b - k,) + chunk.shape[1:], chunk.dtype)])
+            outs.append(np.asarray(fn(i, chunk))[:k])
+        return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+    def encode(self, frames_NHW3, *, seed=None):
+        """uint8 `[N, H, W, 3]` -> float32 `[N, H/d, W/d, C]`; seed None = posterior mean, else a sample."""
+        import jax
+
+        self.check_frames(frames_NHW3)
+        x = np.asarray(frames_NHW3, np.uint8)
+        base = jax.random.key(0 if seed is None else seed)
+        encode_batch = vae_batch_fns()[0]
+        return self._batched(lambda i, c: encode_batch(
+            self._graphdef, self._state, c, jax.random.fold_in(base, i), self.scaling_factor, self.shift_factor,
+            self.dtype, 0.0 if seed is None else 1.0), x)
+
+    def decode(self, latents_NhwC):
+        """float `[N, h, w, C]` -> uint8 `[N, h*d, w*d, 3]`."""
+        z = np.asarray(latents_NhwC, np.float32)
+        if z.ndim != 4 or z.shape[-1] != self.channels:
+            raise ValueError(f"latents: expected [N, h, w, {self.channels}], got {z.shape}")
+        decode_batch = vae_batch_fns()[1]
+        return self._batched(lambda i, c: decode_batch(
+            self._graphdef, self._state, c, self.scaling_factor, self.shift_factor, self.dtype), z)
+
+    def save_pretrained(self, folder: str) -> None:
+        self.vae.save_pretrained(folder)
+
+
+@functools.cache
+def vae_batch_fns():
+    """`(encode_batch, decode_batch)`: the jitted VAE calls of `AutoencoderKLSpace`, built once per
+    process and keyed on the (static) graphdef, so every space over the same architecture and batch
+    shape shares one compilation (training builds several spaces: untrained, trained, ...).
+
+    `encode_batch(graphdef, state, x_u8, key, scale, shift, dtype, noise_scale)` -> scaled latents;
+    `decode_batch(graphdef, state, latents, scale, shift, dtype)` -> uint8 frames.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    @functools.partial(jax.jit, static_argnums=(0, 6))
+    def encode_batch(graphdef, state, x_u8, key, scale, shift, dtype, noise_scale):
+        m = nnx.merge(graphdef, state)
+        x = (x_u8.astype(jnp.float32) / 127.5 - 1.0).astype(dtype)
+        mean, logvar = m.encode_moments(x)
+        # noise_scale 0 (mean) or 1 (sample) is traced, so both modes share one compilation.
+        eps = jax.random.normal(key, mean.shape, jnp.float32)
+        z = mean.astype(jnp.float32) + noise_scale * jnp.exp(0.5 * logvar.astype(jnp.float32)) * eps
+        return (z - shift) * scale
+
+    @functools.partial(jax.jit, static_argnums=(0, 5))
+    def decode_batch(graphdef, state, lat, scale, shift, dtype):
+        m = nnx.merge(graphdef, state)
+        x = m.decode((lat / scale + shift).astype(dtype)).astype(jnp.float32)
+        return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    return encode_batch, decode_batch
+
+
 _SPACE_KEYS = {
     "space_to_depth": {"kind", "downsample", "normalization"},
     "autoencoder_kl": {"kind", "path", "subfolder", "batch_size", "dtype", "scaling_factor", "shift_factor",
@@ -260,8 +364,6 @@ def make_latent_space(config) -> LatentSpace:
         return with_normalization(SpaceToDepth(cfg.get("downsample", 1)), normalization)
     if not cfg.get("path"):
         raise ValueError("latent space 'autoencoder_kl' needs 'path' (a diffusers VAE folder or hub repo id)")
-    from vgpt_jax.vae.autoencoder_kl import AutoencoderKLSpace  # keeps flax off the SpaceToDepth import path
-
     return with_normalization(AutoencoderKLSpace.from_pretrained(
         cfg["path"], subfolder=cfg.get("subfolder"), batch_size=cfg.get("batch_size", 8),
         dtype=cfg.get("dtype", "float32"), scaling_factor=cfg.get("scaling_factor"),

@@ -17,7 +17,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vgpt_jax.vae.autoencoder_kl import AutoencoderKLConfig, AutoencoderKLSpace, init_autoencoder_kl
+from vgpt_jax.vae.autoencoder_kl import AutoencoderKLConfig, init_autoencoder_kl
+from vgpt_jax.vae.latent_space import AutoencoderKLSpace
 
 
 def default_small_config(downsample: int = 4, latent_channels: int = 4, **overrides) -> AutoencoderKLConfig:
