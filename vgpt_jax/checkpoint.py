@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from vgpt_jax.config import ModelConfig, get_train_config
+from vgpt_jax.data.store import atomic_write
 from vgpt_jax.model import VideoGPT
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,8 @@ def export_model(directory: str, model: VideoGPT, config: ml_collections.ConfigD
     params = nnx.state(model, nnx.Param).to_pure_dict()
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=True)
-    tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(directory, CONFIG_FILE)) as f:
         json.dump(config_dict, f, indent=2, default=list)
-    os.replace(tmp, os.path.join(directory, CONFIG_FILE))
     return directory
 
 

@@ -40,6 +40,7 @@ from vgpt_jax import sharding as shard_lib
 from vgpt_jax.config import (CheckpointConfig, DataConfig, DistributedConfig, LoopConfig,
                              ModelConfig, OptimConfig, block_len_for, validate_train_config)
 from vgpt_jax.data import input_pipeline
+from vgpt_jax.data.store import atomic_write
 from vgpt_jax.model import VideoGPT
 
 log = logging.getLogger(__name__)
@@ -213,10 +214,8 @@ def _truncate_metrics(path: str, last_step: int) -> None:
                     kept.append(line.rstrip("\n") + "\n")
             except (ValueError, KeyError, TypeError):  # a line cut off by a kill
                 continue
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         f.writelines(kept)
-    os.replace(tmp, path)
 
 
 def measure_peak_flops(device=None, n: int = 1024, repeats: int = 5) -> float:

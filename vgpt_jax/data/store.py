@@ -115,7 +115,8 @@ def _split_record(record: bytes, where: str):
 def atomic_write(path: str, mode: str = "w", **open_kw):
     """`with atomic_write(path, "wb") as f: ...`: write a temporary file next to `path`, synced,
     then rename it over `path`, so the file exists whole or not at all (the one atomic-write
-    helper: stores, ingestion's per-video results, feature chunks, label files)."""
+    helper: stores, ingestion's per-video results, feature chunks, label files, an export's
+    config.json and the training metrics log)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, mode, **open_kw) as f:
         yield f
