@@ -24,6 +24,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from vgpt_jax import optim
 from vgpt_jax.config import ModelConfig, get_train_config
 from vgpt_jax.data.store import atomic_write
 from vgpt_jax.model import VideoGPT
@@ -285,8 +286,6 @@ class TrainCheckpointer:
         """Start an (async) save of `step`; every process must call it. Raises
         NonFiniteStateError, before anything is written, when any array holds NaN or inf."""
         import grain
-
-        from vgpt_jax import optim
         hashes, bad = inspect_arrays({PARAMS_DIR: params, "train_state": train_state})
         if bad:
             raise NonFiniteStateError(bad, len(hashes))

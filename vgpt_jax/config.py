@@ -440,7 +440,7 @@ def validate_train_config(cfg) -> None:
     need(o.warmup_steps >= 0 and o.decay_steps >= 0, "optim.warmup_steps", "must be >= 0")
     need(isinstance(o.grad_accum_steps, int) and o.grad_accum_steps >= 1,
          "optim.grad_accum_steps", "must be a positive integer")
-    need(0 <= o.get("ema_decay", 0.0) < 1, "optim.ema_decay", "must lie in [0, 1)")
+    need(0 <= OptimConfig.from_config(o).ema_decay < 1, "optim.ema_decay", "must lie in [0, 1)")
     need(d.num_frames >= 1, "data.num_frames", "must be >= 1")
     need(1 <= d.stride_min <= d.stride_max, "data.stride_min",
          f"need 1 <= stride_min <= stride_max (stride_max={d.stride_max})")

@@ -27,6 +27,7 @@ from flax import nnx
 from vgpt_jax import checkpoint as ckpt_lib
 from vgpt_jax import lora
 from vgpt_jax.config import ModelConfig
+from vgpt_jax.data.store import atomic_write
 
 TRAINABLE_MODES = ("auto", "all", "adapters")
 ADAPTERS_DIR = "adapters"
@@ -75,16 +76,15 @@ def pretrained_params(init_from: str, model_cfg: ModelConfig, fresh_params: dict
                                    lora=stored_cfg.lora)
     base_abstract = nnx.to_pure_dict(nnx.state(ckpt_lib.abstract_model(base_cfg), nnx.Param))
     wanted = _pure_paths(base_abstract)
-    current = _pure_paths(nnx.to_pure_dict(nnx.state(ckpt_lib.abstract_model(model_cfg),
-                                                     nnx.Param)))
+    abstract = ckpt_lib.abstract_model(model_cfg)
+    current = _pure_paths(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     extra = sorted(set(wanted) - set(current))
     if extra:
         raise ValueError(f"checkpoint.init_from {init_from!r} holds parameters this config "
                          f"lacks: {extra[:5]} (merge its LoRA adapters first: vgpt export-lora "
                          "--merge)")
     new = set(current) - set(wanted)
-    trainable = set(_pure_paths(nnx.to_pure_dict(nnx.state(ckpt_lib.abstract_model(model_cfg),
-                                                           lora.TRAINABLE))))
+    trainable = set(_pure_paths(nnx.to_pure_dict(nnx.state(abstract, lora.TRAINABLE))))
     if new - trainable:
         raise ValueError(f"checkpoint.init_from {init_from!r} lacks parameters this config "
                          f"needs that are not condition or adapter parameters: "
@@ -107,7 +107,7 @@ def export_adapters(directory: str, model, config) -> str:
     os.makedirs(directory, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(directory, ADAPTERS_DIR), lora.adapter_params(model), force=True)
-    with open(os.path.join(directory, ckpt_lib.CONFIG_FILE), "w") as f:
+    with atomic_write(os.path.join(directory, ckpt_lib.CONFIG_FILE)) as f:
         json.dump(config.to_dict(), f, indent=2, default=list)
     return directory
 
@@ -117,15 +117,16 @@ def load_with_adapters(base_dir: str, adapters_dir: str):
     import orbax.checkpoint as ocp
     config = ckpt_lib.read_config(adapters_dir)
     model_cfg = ModelConfig.from_config(config.model)
-    fresh = nnx.to_pure_dict(nnx.state(ckpt_lib.abstract_model(model_cfg), nnx.Param))
+    abstract = ckpt_lib.abstract_model(model_cfg)
+    fresh = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     fresh = jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype), fresh)
     params = pretrained_params(base_dir, model_cfg, fresh)
-    target = lora.adapter_params(ckpt_lib.abstract_model(model_cfg))
+    target = lora.adapter_params(abstract)
     with ocp.StandardCheckpointer() as ckptr:
         adapters = _pure_paths(ckptr.restore(os.path.join(adapters_dir, ADAPTERS_DIR), target))
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: adapters.get(jax.tree_util.keystr(path), x), params)
-    graphdef, state, rest = nnx.split(ckpt_lib.abstract_model(model_cfg), nnx.Param, ...)
+    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
     state.replace_by_pure_dict(params)
     return nnx.merge(graphdef, state, rest), config
 

@@ -46,7 +46,8 @@ def param_ema(decay: float) -> optax.GradientTransformation:
     pass through unchanged. Placed last in a chain, `new_params` are the params the step applies.
     Living in the optimiser state, the average is sharded, checkpointed and resumed with it."""
     def init(params):
-        return ParamEmaState(jax.tree.map(jnp.asarray, params))
+        # A copy: the average must not alias params that a donating step overwrites.
+        return ParamEmaState(jax.tree.map(jnp.copy, params))
 
     def update(updates, state, params):
         new_params = optax.apply_updates(params, updates)

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-ENCODER_KINDS = ("t5", "clip")
 _STORED = np.dtype("<f2")
 
 

@@ -110,14 +110,24 @@ def shardings_of(tree):
     return jax.tree.map(lambda a: a.sharding, tree)
 
 
+def _random_params(model_cfg: ModelConfig, seed: int) -> dict:
+    return nnx.to_pure_dict(nnx.state(VideoGPT(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+
+def init_params(model_cfg: ModelConfig, abstract: TrainState, seed: int) -> dict:
+    """The random params of `init_state` alone, created into their shardings (no optimiser
+    state is built: what a fine-tune's new parameters start from)."""
+    return jax.jit(lambda: _random_params(model_cfg, seed),
+                   out_shardings=shardings_of(abstract.params))()
+
+
 def init_state(model_cfg: ModelConfig, tx, abstract: TrainState, seed: int,
                params=None) -> TrainState:
     """A fresh state, created by one jit directly into its shardings (nothing is gathered on
     one device). `params` (e.g. the previous stage's) replace the random initialisation."""
     def init(params):
         if params is None:
-            model = VideoGPT(model_cfg, rngs=nnx.Rngs(seed))
-            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            params = _random_params(model_cfg, seed)
         rng = jax.random.key_data(jax.random.key(seed + 1, impl="threefry2x32"))
         return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), rng)
     out = shardings_of(abstract)
@@ -485,8 +495,9 @@ def initial_state(run: Setup, ckpt: ckpt_lib.TrainCheckpointer, data_iter, *,
         _check_same_data_normalization(run.config, ckpt_lib.resolve_params(init_from)[1],
                                        f"checkpoint.init_from {init_from!r}")
         # New condition / adapter parameters keep this run's initialisation (finetune).
-        params = finetune.pretrained_params(init_from, run.model_cfg, run.init().params,
-                                            shardings_of(abstract.params))
+        params = finetune.pretrained_params(
+            init_from, run.model_cfg, init_params(run.model_cfg, abstract, run.loop_cfg.seed),
+            shardings_of(abstract.params))
         log.info("initialised params from %s", init_from)
     return run.init(params), 0
 

@@ -39,12 +39,6 @@ def _ale():
     return ale_py
 
 
-def action_set(game: str) -> tuple[str, ...]:
-    """The names of the game's minimal action set (the one-hot order)."""
-    ale = _open(game, 0)
-    return tuple(a.name for a in ale.getMinimalActionSet())
-
-
 def _open(game: str, seed: int):
     ale_py = _ale()
     ale = ale_py.ALEInterface()

@@ -37,11 +37,6 @@ def min_video_frames(data_cfg) -> int:
     return (d.num_frames - 1) * d.stride_min + 1
 
 
-def sample_frames(latents_Thwc: np.ndarray, data_cfg, rng: np.random.Generator) -> np.ndarray:
-    """Pick N evenly strided frames from a random start: [N, h, w, C]."""
-    return latents_Thwc[sample_frame_indices(latents_Thwc.shape[0], data_cfg, rng)]
-
-
 def sample_frame_indices(t: int, data_cfg, rng: np.random.Generator) -> np.ndarray:
     """The indices [N] of N evenly strided frames of a T-frame video, from a random start."""
     d = DataConfig.from_config(data_cfg)
