@@ -35,6 +35,19 @@ class LayerKV(NamedTuple):
     v: jax.Array
 
 
+def project(x_NI, w_IO):
+    """`x @ w` over x's last axis, for x of any rank: [..., I] x [I, O] -> [..., O].
+
+    On CPU as one 2-D matmul over the flattened leading axes: XLA:CPU computes the weight
+    gradient of the batched form (`btd,bte->de`) 1.65x slower than of the 2-D one, 10% of
+    the main job's train step. Elsewhere the einsum: on TPU, merging [B, T] is a relayout
+    copy when T is not a multiple of 8.
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.einsum("...i,io->...o", x_NI, w_IO)
+    return (x_NI.reshape(-1, x_NI.shape[-1]) @ w_IO).reshape(*x_NI.shape[:-1], w_IO.shape[-1])
+
+
 def rms_norm(x, weight, eps):
     """Phi-3 RMSNorm: normalise in float32, scale in the input dtype."""
     xf = x.astype(jnp.float32)
@@ -108,23 +121,23 @@ class DecoderStack(nnx.Module):
             p = jax.tree.map(lambda a: a.astype(cdt), p)
             x, xc = carry if conditions is not None else (carry, None)
 
-            def linear(y, name, spec):
-                return lora.adapt(jnp.einsum(spec, y, p[name]), y, p, name, lora_scale)
+            def linear(y, name):
+                return lora.adapt(project(y, p[name]), y, p, name, lora_scale)
 
             def qkv_of(x, cos, sin):
                 n = x.shape[1]
                 y = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-                qkv = linear(y, "qkv_proj", "btd,de->bte")
+                qkv = linear(y, "qkv_proj")
                 q = qkv[..., : h * hd].reshape(b, n, h, hd)
                 k = qkv[..., h * hd: (h + kvh) * hd].reshape(b, n, kvh, hd)
                 v = qkv[..., (h + kvh) * hd:].reshape(b, n, kvh, hd)
                 return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
 
             def attention_out_and_mlp(x, o):
-                x = x + linear(o.reshape(*x.shape[:2], h * hd), "o_proj", "bte,ed->btd")
+                x = x + linear(o.reshape(*x.shape[:2], h * hd), "o_proj")
                 y = rms_norm(x, p["post_attention_norm"], cfg.rms_norm_eps)
-                gate, up = jnp.split(linear(y, "gate_up_proj", "btd,dm->btm"), 2, axis=-1)
-                return x + linear(up * jax.nn.silu(gate), "down_proj", "btm,md->btd")
+                gate, up = jnp.split(linear(y, "gate_up_proj"), 2, axis=-1)
+                return x + linear(up * jax.nn.silu(gate), "down_proj")
 
             q, k, v = qkv_of(x, cos, sin)
             k_all, v_all = k, v

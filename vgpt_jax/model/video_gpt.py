@@ -25,7 +25,7 @@ from flax import nnx
 from vgpt_jax import layout as layout_lib
 from vgpt_jax.conditioning import ConditionEmbed, Conditions
 from vgpt_jax.config import ModelConfig, dtype_of
-from vgpt_jax.model.decoder import DecoderStack, LayerKV
+from vgpt_jax.model.decoder import DecoderStack, LayerKV, project
 
 
 class KVCache(NamedTuple):
@@ -78,7 +78,7 @@ class Dense(nnx.Module):
         self.bias = _param(rngs, nnx.initializers.zeros, (dout,), axes[1:], dtype)
 
     def __call__(self, x):
-        return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+        return project(x, self.kernel[...].astype(x.dtype)) + self.bias[...].astype(x.dtype)
 
 
 class TimestepEmbedder(nnx.Module):
