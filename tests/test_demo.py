@@ -53,9 +53,10 @@ def test_eval_command_scores_a_checkpoint(demo_run, tmp_path):
     out = str(tmp_path / "report")
     eval_command.main(["--checkpoint", os.path.join(workdir, "model"), "--physics", "2",
                    "--out", out, "--context-frames", "3", "--predict-frames", "2",
-                   "--steps", "2", "--max-grids", "0"])
+                   "--steps", "2", "--time-shift", "3", "--max-grids", "0"])
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["num_videos"] == 2 and report["settings"]["steps"] == 2
+    assert report["settings"]["time_shift"] == 3.0
     assert report["checkpoint"].endswith("model")
 
 

@@ -45,7 +45,7 @@ class AttentionConfig:
     # at 16 and 48 frames on CPU (fwd + bwd, benchmarks/train_step.py shapes).
     blockwise_tile: int = 256
     # "auto" up to this many tokens uses dense attention: at 288 tokens dense and blockwise
-    # tie; at 544 (the main job's 16 frames) blockwise is 1.2x faster per train step, at 2112
+    # tie; at 576 (the main job's 16 frames) blockwise is 1.2x faster per train step, at 2112
     # ~8x (it skips ~2/3 of the tiles).
     dense_max_tokens: int = 384
 

@@ -2,13 +2,14 @@
 extrapolation (`vgpt_jax.evaluate`); writes report.json, report.md and grid gifs.
 
     vgpt eval --checkpoint runs/demo/model --physics 64 --out report/ --clip-frames 1 \
-        --steps 20 --guidance 2.0 --window 16 --context-noise 0.1
+        --steps 20 --guidance 1.5 --time-shift 20 --window 16 --context-noise 0.1
 """
 from __future__ import annotations
 
 import os
 
 from vgpt_jax import evaluate
+from vgpt_jax.commands import add_sampler_arguments
 
 
 def main(argv=None) -> int:
@@ -25,13 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--context-frames", type=int, default=4)
     p.add_argument("--predict-frames", type=int, default=4)
     p.add_argument("--clip-frames", type=int, default=0, help="0: one clip")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=1.5)
-    p.add_argument("--window", type=int, default=80,
-                   help="the sampler's history window in frames (the trained length keeps a "
-                        "long rollout within what the model saw)")
-    p.add_argument("--context-noise", type=float, default=0.0,
-                   help="noise c of generated frames joining the history: (1 - c) x + c eps")
+    add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fvd", action="store_true", help="also FVD (needs the eval extra)")
     p.add_argument("--max-grids", type=int, default=8)
@@ -59,7 +54,8 @@ def main(argv=None) -> int:
         pipeline, videos, context_frames=args.context_frames, predict_frames=args.predict_frames,
         clip_frames=args.clip_frames or None, steps=args.steps, guidance=args.guidance,
         seed=args.seed, fvd=args.fvd,
-        predict_options=dict(window=args.window, context_noise=args.context_noise))
+        predict_options=dict(window=args.window, context_noise=args.context_noise,
+                             time_shift=args.time_shift))
     report["checkpoint"] = os.path.abspath(args.checkpoint)
     evaluate.write_report(report, args.out, videos, predictions, args.context_frames,
                           args.max_grids)

@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from vgpt_jax import sampling
+from vgpt_jax.commands import add_sampler_arguments
 from vgpt_jax.commands.sample import add_mesh_argument
 from vgpt_jax.eval import physics_iq
 
@@ -42,13 +42,8 @@ def add_arguments(p: argparse.ArgumentParser, add_common) -> None:
     p.add_argument("--max-image-size", type=int, default=320, help="longer side, px")
     p.add_argument("--crop-multiple", type=int, default=None,
                    help="center-crop sides to a multiple of this (default: VAE x patch factor)")
-    defaults = sampling.SamplerConfig()
     p.add_argument("--clip-frames", type=int, default=24, help="frames per generated clip")
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--guidance", type=float, default=defaults.guidance)
-    p.add_argument("--window", type=int, default=defaults.window)
-    p.add_argument("--context-noise", type=float, default=defaults.context_noise,
-                   help="noise mixed into generated frames joining the history")
+    add_sampler_arguments(p)
     p.add_argument("--baseline", choices=["copy-last"], default=None,
                    help="write the last conditioning frame held still (read at the model's "
                         "resolution) instead of sampling: the floor through the same path")
@@ -129,6 +124,7 @@ def generate_seed(pipe, videos, folder: str, partial: str, run: int, args, fps: 
                     predicted = pipe.predict(
                         contexts, clip_sizes=clips, steps=args.steps, guidance=args.guidance,
                         window=args.window, context_noise=args.context_noise,
+                        time_shift=args.time_shift,
                         seed=[_sample_seed(args.seed, run, i) for i, _, _ in group]).frames
                 for (_, name, _), frames in zip(group, predicted):
                     temp = video_io.write_video(os.path.join(partial, name), frames, fps)

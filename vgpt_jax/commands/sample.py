@@ -26,6 +26,7 @@ import sys
 import numpy as np
 
 from vgpt_jax import sampling
+from vgpt_jax.commands import add_sampler_arguments
 from vgpt_jax.commands.prepare_latents import width_x_height
 
 
@@ -66,14 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     frames.add_argument("--num-frames", type=int, default=None, help="frames to predict (clips of 24)")
     frames.add_argument("--clip-sizes", type=int, nargs="+", default=None,
                         help="frames per generated clip (default: 24 24)")
+    add_sampler_arguments(p)
     defaults = sampling.SamplerConfig()
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--guidance", type=float, default=defaults.guidance)
-    p.add_argument("--time-shift", type=float, default=defaults.time_shift)
-    p.add_argument("--window", type=int, default=defaults.window)
     p.add_argument("--cache-mode", choices=sampling.CACHE_MODES, default=defaults.cache_mode)
     p.add_argument("--anchor-frames", type=int, default=defaults.anchor_frames)
-    p.add_argument("--context-noise", type=float, default=defaults.context_noise)
     p.add_argument("--same-noise-every-clip", action="store_true",
                    help="the release's behaviour: identical initial noise for every clip")
     p.add_argument("--reencode", action="store_true",
