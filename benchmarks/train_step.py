@@ -121,6 +121,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--attention", default="blockwise",
                    choices=("auto", "dense", "blockwise", "dot_product"))
+    p.add_argument("--tile", type=int, default=0,
+                   help="blockwise attention tile, tokens (0: AttentionConfig's)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--layers", type=int, default=0, help="override the depth (0: preset)")
@@ -134,6 +136,8 @@ def main(argv=None):
 
     mc = config.get_model_config(args.model)
     mc.attention.impl = args.attention
+    if args.tile:
+        mc.attention.blockwise_tile = args.tile
     mc.dtype = args.dtype
     for field, value in (("num_layers", args.layers), ("hidden_size", args.width),
                          ("num_heads", args.heads), ("num_kv_heads", args.heads),
