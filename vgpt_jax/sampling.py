@@ -21,7 +21,9 @@ One clip at a time (the reference's `prompt_condition_frame_block_autoregressive
   v_u + s (v0 - v_u) (the form computed), and s = 1 drops that branch.
 - **Conditions** are given per video (`class_id`) and per frame (`actions`, context frames then
   generated ones); each call embeds those of every frame it covers, numbered as the call's
-  frames are (the no-history branch's clip from frame 0).
+  frames are (the no-history branch's clip from frame 0). Condition tokens see only each
+  other, so their keys and values are computed once per clip (`VideoGPT.condition_kv`) and
+  serve all its Euler steps, in every cache mode.
 - **Exact KV cache.** Clean history never attends to noisy tokens, so its keys and values are
   the same at every step: they are computed once (`VideoGPT.build_cache`), every step runs only
   the noisy clip against them (`denoise_with_cache`), and a finished clip's clean copy is
@@ -401,7 +403,8 @@ def guided_cache(cache: KVCache, L: int, guided=True) -> KVCache:
 def cached_x1_fn(model: VideoGPT, cache: KVCache, num_frames: int, L: int, guided,
                  conditions=None):
     """The denoiser of every step with a cache: the noisy clip's tokens against the history.
-    `conditions`: the [B * R] rows' (`window_conditions`), or None."""
+    `conditions`: the [B * R] rows' (`window_conditions`, or their `VideoGPT.condition_kv`),
+    or None."""
     branches = _branches(guided)
     b = cache.meta.frame.shape[0] // len(cache_variants(branches))
     s = cache.meta.frame.shape[1]
@@ -471,6 +474,8 @@ def _denoise(x1_fn_of, graphdef, state, context, z0_BNhwc, sigmas, guided, guida
     model = nnx.merge(graphdef, state)
     L = _block_len(model, z0_BNhwc)
     with _on(placement):
+        if conditions is not None:  # the same at every step: the stream runs once per clip
+            conditions = model.condition_kv(conditions, L)
         x1_fn = x1_fn_of(model, context, z0_BNhwc.shape[1], L, guided, conditions)
         return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
 
