@@ -1,5 +1,6 @@
 """`vgpt sample --class / --actions / --caption` and `vgpt export-lora`: the commands wrap the
-library (sample_video with conditions; finetune's exports) and refuse bad input in one line."""
+library (Pipeline.predict with conditions; finetune's exports) and refuse bad input in one
+line."""
 from __future__ import annotations
 
 import json
@@ -53,6 +54,11 @@ def test_sample_takes_a_class_and_actions(conditioned_export, video, tmp_path):
                                         "--actions", str(json_actions),
                                         "--condition-guidance", "2.0")) == 0
     np.testing.assert_array_equal(video_io.read_video(out)[0], outs[0])
+    # The release's decode -> uint8 -> encode round trip works with conditions too.
+    assert sample_tool.main(sample_argv(conditioned_export, video, out, "--class", "0",
+                                        "--actions", str(actions), "--reencode",
+                                        "--condition-guidance", "2.0")) == 0
+    assert video_io.read_video(out)[0].shape == (2, PX, PX, 3)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -5,6 +5,7 @@ guidance formula."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +169,47 @@ def test_dropped_conditions_give_exactly_the_unconditioned_model(models):
             always_drop.conditions, dropout=0.1))
     assert float(dropped) == float(jax.jit(lambda m, b: diffusion.loss(m, b, key)[0])(
         base, unconditioned(b)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _stream_each_call_and_once(L_, model, history, noisy, t, cond):
+    """(full forward, cached denoising step, cache) with `cond` run beside the frames, and
+    the same with the condition stream's keys/values computed once beforehand."""
+    b, hist = history.shape[:2]
+    clean = layout_lib.clip_layout(b, hist, L_, noisy=False, clip=0)
+    new = layout_lib.clip_layout(b, noisy.shape[1], L_, noisy=True, clip=1, first_frame=hist,
+                                 first_position=hist)
+    both = layout_lib.concat(clean, new)
+    t_all = jnp.concatenate([jnp.ones((b, hist)), t], axis=1)
+    blocks = jnp.concatenate([history, noisy], axis=1)
+
+    def outputs(c):
+        cache = model.build_cache(history, clean, c)
+        return (model(blocks, t_all, both, output_blocks=slice(hist, None), conditions=c),
+                model.denoise_with_cache(noisy, t, new, cache, c), cache.kv)
+    return outputs(cond), outputs(model.condition_kv(cond, L_))
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_condition_kv_computed_once_equals_the_stream_at_every_call(scan_layers):
+    """Condition tokens see only condition tokens, so their keys/values computed alone
+    (`condition_kv`: the sampler's once per clip) give every entry point the outputs of the
+    stream run beside the frame tokens (the recompute of every Euler step)."""
+    _, model = pair(scan_layers=scan_layers)
+    rng = np.random.default_rng(4)
+    b, hist, n = 2, 2, 2
+    frames = np.broadcast_to(np.arange(hist + n), (b, hist + n))
+    cond = conditioning.make_conditions(
+        model.cfg, frames, frames, L, class_id=np.asarray([0, 2]),
+        actions=rng.standard_normal((b, hist + n, ACTION_DIM)).astype(np.float32))
+    cond = cond.dropped(np.asarray([False, True]))  # video 1: the no-conditions branch
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    each_call, once = _stream_each_call_and_once(L, model, normal(b, hist, H, W, 4),
+                                                 normal(b, n, H, W, 4), jnp.full((b, n), 0.3),
+                                                 cond)
+    for got, want in zip(jax.tree.leaves(once), jax.tree.leaves(each_call)):
+        assert np.abs(np.asarray(want)).max() > 0
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(np.asarray(want)).max())
 
 
 @pytest.mark.parametrize("impl", ["blockwise", "splash"])

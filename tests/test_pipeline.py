@@ -1,5 +1,5 @@
 """Pipeline and `vgpt sample`: loading an export, pixels in and out, the release's
-decode/encode round trip, callbacks, and clear errors for bad input."""
+decode/encode round trip, callbacks, conditions, and clear errors for bad input."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from test_sampling import random_model, rel_err
-from vgpt_jax import checkpoint
+from vgpt_jax import checkpoint, sampling
 from vgpt_jax.data import video_io
 from vgpt_jax.pipeline import Pipeline, split_frames
 from vgpt_jax.vae.latent_space import SpaceToDepth
@@ -84,6 +84,47 @@ def test_generate_from_nothing(pipe):
     assert out.latents.shape == (2, 3, 4, 4, 12) and out.frames.shape == (2, 3, PX, PX, 3)
     one = pipe.generate(clip_sizes=[2, 1], latent_size=(4, 4), seed=9, **FAST)
     assert rel_err(one.latents[0], out.latents[1]) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def class_pipe():
+    """A model conditioned on 3 classes (random condition paths) over SpaceToDepth(2) latents."""
+    return Pipeline(random_model(seed=5, latent_channels=12, conditions=dict(num_classes=3)),
+                    SpaceToDepth(2))
+
+
+def test_predict_and_generate_with_a_class_equal_sample_video(class_pipe, pixels):
+    """The conditions reach `sampling.sample_video` as given: the same latents, exactly; an
+    unbatched context takes one video's class."""
+    opts = dict(FAST, condition_guidance=2.0)
+    cfg = sampling.SamplerConfig(**opts)
+    space, model = class_pipe.latent_space, class_pipe.model
+    latents = np.stack([space.encode(p, seed=s) for p, s in zip(pixels[:, :2], [3, 4])])
+    expected = sampling.sample_video(model, [2, 1], cfg, [3, 4], context_BFhwc=latents,
+                                     class_id=[2, 0])
+    out = class_pipe.predict(pixels[:, :2], clip_sizes=[2, 1], seed=3, class_id=[2, 0], **opts)
+    np.testing.assert_array_equal(out.latents, expected)
+    one = class_pipe.predict(pixels[0, :2], clip_sizes=[2, 1], seed=3, class_id=2, **opts)
+    assert rel_err(one.latents, expected[0]) < 1e-5  # a batch is its videos one by one
+    generated = class_pipe.generate(clip_sizes=[2], latent_size=(4, 4), batch_size=2,
+                                    seed=[1, 2], class_id=[0, 1], **opts)
+    np.testing.assert_array_equal(generated.latents, sampling.sample_video(
+        model, [2], cfg, [1, 2], latent_hw=(4, 4), class_id=[0, 1]))
+
+
+@pytest.mark.parametrize("conditions, message", [
+    (dict(class_id=7), r"class_id: class 7 outside \[0, 3\)"),
+    (dict(class_id=-1), r"class_id: class -1 outside"),
+    (dict(class_id=[1]), r"class_id: shape \(1,\), expected a scalar \(one video's"),
+    (dict(class_id=1.5), r"class_id: shape \(1,\) \(float64\), expected \(1,\) integers"),
+    (dict(actions=np.zeros((3, 2))), "class_id: missing"),
+    (dict(class_id=1, actions=np.zeros((3, 2))), "actions: given, but the model has no such"),
+])
+def test_bad_conditions_are_clear_errors(class_pipe, pixels, conditions, message, monkeypatch):
+    """Refused before the context is encoded, each error naming the keyword and the value."""
+    monkeypatch.setattr(class_pipe, "_context_latents", lambda *a: pytest.fail("encoded"))
+    with pytest.raises(ValueError, match=message):
+        class_pipe.predict(pixels[0, :2], clip_sizes=[1], **FAST, **conditions)
 
 
 def test_split_frames():

@@ -11,10 +11,16 @@ invalid, so a video with every condition dropped sees no condition key and is co
 as by the model without conditions: that is the unconditional branch of condition guidance and
 of condition dropout in training.
 
+As condition tokens see no frame token, the stream's per-layer keys and values are the same
+beside any frame tokens: `ConditionKV` holds them, computed once (`VideoGPT.condition_kv`) for
+many calls with the same conditions (a clip's denoising steps).
+
 Condition parameters are `ConditionParam`s (an `nnx.Param` subclass), so an nnx filter selects
 them: LoRA fine-tuning trains them with the adapters (`lora.TRAINABLE`).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -46,6 +52,15 @@ class Conditions:
         """The same conditions with video b's all invalid where `drop_B[b]`."""
         keep = ~jnp.asarray(drop_B, bool)[:, None]
         return self.replace(layout=self.layout.replace(valid=self.layout.valid & keep))
+
+
+class ConditionKV(NamedTuple):
+    """A condition stream's per-layer keys and values (after RoPE) `k`, `v` [layers, B, C, KV,
+    D] and its `layout` [B, C]: all that frame tokens read of the conditions
+    (`DecoderStack.condition_kv`); an entry point given it runs no condition stream."""
+    k: jax.Array
+    v: jax.Array
+    layout: layout_lib.ConditionLayout
 
 
 def make_conditions(cfg: ModelConfig, frame_BF, position_BF, block_len: int, *, class_id=None,

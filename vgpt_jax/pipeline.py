@@ -9,6 +9,9 @@
 
 Context is pixels (uint8 [F, H, W, 3], encoded with the latent space) or latents (float
 [F, h, w, C]); a leading batch axis samples several videos at once and is kept in the output.
+A conditioned model takes its conditions by name, one video's or a batch's as the context:
+
+    out = pipe.predict(context, num_frames=24, class_id=2, condition_guidance=2.0)
 The numerics live in `vgpt_jax.sampling`; this module checks inputs, encodes and decodes.
 """
 from __future__ import annotations
@@ -88,6 +91,11 @@ def configured_latent_space(directory: str, config) -> LatentSpace | None:
 def prediction_type_of(config) -> str:
     """What the checkpoint's network predicts (`objective.prediction_type`, default x1)."""
     return (config or {}).get("objective", {}).get("prediction_type", "x1")
+
+
+# One video's condition axes (`sampling.sample_video` takes them with a leading [videos] axis).
+CONDITION_AXES = {"class_id": (), "actions": ("frames", "action_dim"),
+                  "text": ("text_tokens", "text_dim"), "text_mask": ("text_tokens",)}
 
 
 def _check_finite(latents_BF: np.ndarray, what: str, batched: bool) -> None:
@@ -201,6 +209,7 @@ class Pipeline:
                 sampler: sampling.SamplerConfig | None = None, seed: int | Sequence[int] = 0,
                 reencode: bool = False,
                 callback: Callable[[int, int, np.ndarray], None] | None = None,
+                class_id=None, actions=None, text=None, text_mask=None,
                 **sampler_overrides) -> SampleOutput:
         """Continue `context` by `num_frames` (clips of 24) or by clips of `clip_sizes` frames.
 
@@ -213,6 +222,11 @@ class Pipeline:
         reencode: pass each finished clip through decode -> uint8 -> encode before it joins
         the history, as the release does. callback(k, num_clips, latents [B, n, h, w, C]) runs
         after each clip.
+        class_id / actions / text (text_mask): the conditions of a model with
+        `model.conditions`, each kind it has and no other (`sampling.sample_video`); one
+        video's for a context without a batch axis (class_id an int, actions [F + N, A]: one
+        per context and generated frame, text [text_tokens, text_dim], text_mask
+        [text_tokens]), else with a leading [B] axis. Checked before the context is encoded.
         """
         sizes = _clip_sizes(num_frames, clip_sizes)
         cfg = self._sampler_config("predict", sampler, sampler_overrides)
@@ -229,10 +243,13 @@ class Pipeline:
             raise ValueError(f"context: 0 context frames (shape {context.shape}); to sample "
                              "from nothing use generate()")
         seeds = _seeds(seed, context.shape[0])
+        conditions = self._conditions(
+            dict(class_id=class_id, actions=actions, text=text, text_mask=text_mask), batched,
+            context.shape[0], context.shape[1], sum(sizes))
         latents = self._context_latents(context, seeds)
         _check_finite(latents, "context latents" if context.dtype != np.uint8
                       else "context latents (as encoded from the pixels)", batched)
-        out = self._sample(sizes, cfg, seeds, latents, None, reencode, callback)
+        out = self._sample(sizes, cfg, seeds, latents, None, reencode, callback, conditions)
         return out if batched else SampleOutput(out.latents[0], None if out.frames is None
                                                 else out.frames[0])
 
@@ -242,12 +259,14 @@ class Pipeline:
                  sampler: sampling.SamplerConfig | None = None, seed: int | Sequence[int] = 0,
                  reencode: bool = False,
                  callback: Callable[[int, int, np.ndarray], None] | None = None,
+                 class_id=None, actions=None, text=None, text_mask=None,
                  **sampler_overrides) -> SampleOutput:
-        """Video from nothing: the first clip unconditionally, then as `predict` (`sampler`
+        """Video from nothing: the first clip without history, then as `predict` (`sampler`
         and the sampler settings given by name, seed, reencode, callback as there).
 
         Give `frame_size=(H, W)` in pixels (with a latent space) or `latent_size=(h, w)`.
-        Outputs are batched [batch_size, N, ...].
+        Outputs are batched [batch_size, N, ...], and so are the conditions (as `predict`'s
+        with a batch axis: class_id [batch_size], actions [batch_size, N, A], ...).
         """
         sizes = _clip_sizes(num_frames, clip_sizes)
         cfg = self._sampler_config("generate", sampler, sampler_overrides)
@@ -260,8 +279,11 @@ class Pipeline:
             latent_size = (H // space.downsample, W // space.downsample)
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
+        conditions = self._conditions(
+            dict(class_id=class_id, actions=actions, text=text, text_mask=text_mask), True,
+            batch_size, 0, sum(sizes))
         return self._sample(sizes, cfg, _seeds(seed, batch_size), None, tuple(latent_size),
-                            reencode, callback)
+                            reencode, callback, conditions)
 
     def features(self, video, *, layers=None, pool: str | Sequence[str] = "mean",
                  t: float | None = None, seed: int | Sequence[int] = 0, batch_size: int = 8):
@@ -313,6 +335,23 @@ class Pipeline:
         cfg.validate()
         return cfg
 
+    def _conditions(self, given: dict, batched: bool, videos: int, context_frames: int,
+                    generated: int) -> dict:
+        """`sampling.sample_video`'s condition keywords, [videos, ...] each, from `given`
+        (name -> value, None: not given; one video's, without the batch axis, unless
+        `batched`), checked (`sampling.check_conditions`): each error names the keyword."""
+        given = {k: np.asarray(v) for k, v in given.items() if v is not None}
+        for name, value in given.items():
+            axes = ("videos",) * batched + CONDITION_AXES[name]
+            if value.ndim != len(axes):
+                raise ValueError(f"{name}: shape {value.shape}, expected "
+                                 f"{'[' + ', '.join(axes) + ']' if axes else 'a scalar'}"
+                                 + ("" if batched else " (one video's, as the context)"))
+        if not batched:
+            given = {k: v[None] for k, v in given.items()}
+        sampling.check_conditions(self.model.cfg, videos, context_frames, generated, **given)
+        return given
+
     def _require_space(self, what: str) -> LatentSpace:
         if self.latent_space is None:
             raise ValueError(f"{what}: this pipeline has no latent space (give one to "
@@ -345,8 +384,8 @@ class Pipeline:
                              f"{expected}; pass video frames as uint8 pixels (0-255)")
         return context_BF.astype(np.float32)
 
-    def _sample(self, sizes, cfg, seeds, context_latents, latent_hw, reencode,
-                callback) -> SampleOutput:
+    def _sample(self, sizes, cfg, seeds, context_latents, latent_hw, reencode, callback,
+                conditions: dict) -> SampleOutput:
         space = self.latent_space
         to_context = None
         if reencode:
@@ -362,6 +401,6 @@ class Pipeline:
         latents = sampling.sample_video(self.model, sizes, cfg, seeds,
                                         context_BFhwc=context_latents, latent_hw=latent_hw,
                                         on_clip=on_clip, to_context=to_context,
-                                        placement=self.placement)
+                                        placement=self.placement, **conditions)
         frames = None if space is None else np.stack([space.decode(v) for v in latents])
         return SampleOutput(latents, frames)

@@ -21,7 +21,9 @@ One clip at a time (the reference's `prompt_condition_frame_block_autoregressive
   v_u + s (v0 - v_u) (the form computed), and s = 1 drops that branch.
 - **Conditions** are given per video (`class_id`) and per frame (`actions`, context frames then
   generated ones); each call embeds those of every frame it covers, numbered as the call's
-  frames are (the no-history branch's clip from frame 0).
+  frames are (the no-history branch's clip from frame 0). Condition tokens see only each
+  other, so their keys and values are computed once per clip (`VideoGPT.condition_kv`) and
+  serve all its Euler steps, in every cache mode.
 - **Exact KV cache.** Clean history never attends to noisy tokens, so its keys and values are
   the same at every step: they are computed once (`VideoGPT.build_cache`), every step runs only
   the noisy clip against them (`denoise_with_cache`), and a finished clip's clean copy is
@@ -401,7 +403,8 @@ def guided_cache(cache: KVCache, L: int, guided=True) -> KVCache:
 def cached_x1_fn(model: VideoGPT, cache: KVCache, num_frames: int, L: int, guided,
                  conditions=None):
     """The denoiser of every step with a cache: the noisy clip's tokens against the history.
-    `conditions`: the [B * R] rows' (`window_conditions`), or None."""
+    `conditions`: the [B * R] rows' (`window_conditions`, or their `VideoGPT.condition_kv`),
+    or None."""
     branches = _branches(guided)
     b = cache.meta.frame.shape[0] // len(cache_variants(branches))
     s = cache.meta.frame.shape[1]
@@ -471,6 +474,8 @@ def _denoise(x1_fn_of, graphdef, state, context, z0_BNhwc, sigmas, guided, guida
     model = nnx.merge(graphdef, state)
     L = _block_len(model, z0_BNhwc)
     with _on(placement):
+        if conditions is not None:  # the same at every step: the stream runs once per clip
+            conditions = model.condition_kv(conditions, L)
         x1_fn = x1_fn_of(model, context, z0_BNhwc.shape[1], L, guided, conditions)
         return euler(x1_fn, z0_BNhwc, sigmas, guidance, guided, prediction_type)
 
@@ -549,22 +554,30 @@ def _draw(given, k: int, shape, what: str, default: Callable[[], np.ndarray]) ->
     return arr
 
 
-def _check_conditions(model_cfg: ModelConfig, class_id, actions, batch: int, frames: int,
-                      text=None, text_mask=None):
-    """Host checks of a request's conditions: (class_id [B] int32, actions [B, frames, A]
-    float32, (text [B, N, E] float32, text_mask [B, N] bool)), each None when the model lacks
-    that kind (all None: an unconditioned request); errors name the input."""
+def check_conditions(model_cfg: ModelConfig, batch: int, context_frames: int, generated: int,
+                     class_id=None, actions=None, text=None, text_mask=None):
+    """Host checks of a request's conditions: (class_id [B] int32, actions [B, context_frames +
+    generated, A] float32, (text [B, N, E] float32, text_mask [B, N] bool)), each None when the
+    model lacks that kind (all None: an unconditioned request); errors name the input."""
     cc = model_cfg.conditions
+    if text_mask is not None and text is None:
+        raise ValueError("text_mask: given without text")
     if class_id is None and actions is None and text is None:
         return None, None, None
     conditioning.check_kinds(cc, class_id, actions, text)
     if class_id is not None:
-        class_id = np.asarray(class_id, np.int32)
-        if class_id.shape != (batch,):
-            raise ValueError(f"class_id: shape {class_id.shape}, expected ({batch},)")
+        class_id = np.asarray(class_id)
+        if class_id.shape != (batch,) or not np.issubdtype(class_id.dtype, np.integer):
+            raise ValueError(f"class_id: shape {class_id.shape} ({class_id.dtype}), expected "
+                             f"({batch},) integers")
         conditioning.check_class_ids(class_id, cc.num_classes)
+        class_id = class_id.astype(np.int32)
     if actions is not None:
         actions = np.asarray(actions, np.float32)
+        frames = context_frames + generated
+        if actions.ndim == 3 and actions.shape[1] != frames:
+            raise ValueError(f"actions: {actions.shape[1]} frames; the context ({context_frames}) "
+                             f"and the generated frames ({generated}) need {frames}")
         if actions.shape != (batch, frames, cc.action_dim):
             raise ValueError(f"actions: shape {actions.shape}, expected [videos, context + "
                              f"generated frames, action_dim] = {(batch, frames, cc.action_dim)}")
@@ -805,8 +818,8 @@ def sample_video(model: VideoGPT, clip_sizes: Sequence[int], cfg: SamplerConfig,
     c = model_cfg.latent_channels
     L = block_len_for(model_cfg, h, w)
     context_frames = 0 if context_BFhwc is None else context_BFhwc.shape[1]
-    class_id, actions, text = _check_conditions(model_cfg, class_id, actions, batch,
-                                                context_frames + sum(clip_sizes), text, text_mask)
+    class_id, actions, text = check_conditions(model_cfg, batch, context_frames,
+                                               sum(clip_sizes), class_id, actions, text, text_mask)
     if placement is not None:
         model = placement.place_model(model)
     graphdef, state = nnx.split(model)

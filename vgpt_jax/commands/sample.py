@@ -131,12 +131,13 @@ def read_actions(path: str) -> np.ndarray:
 
 
 def conditions_of(args, pipe) -> dict:
-    """sample_video's condition kwargs from --class / --actions / --caption (one video)."""
+    """`Pipeline.predict`'s condition keywords (one video's) from --class / --actions /
+    --caption."""
     conditions = {}
     if args.class_id is not None:
-        conditions["class_id"] = np.asarray([args.class_id], np.int32)
+        conditions["class_id"] = args.class_id
     if args.actions is not None:
-        conditions["actions"] = read_actions(args.actions)[None]
+        conditions["actions"] = read_actions(args.actions)
     if args.caption is not None:
         from vgpt_jax import text_encoder
         cc = pipe.model.cfg.conditions
@@ -150,47 +151,21 @@ def conditions_of(args, pipe) -> dict:
         if emb.shape[1] != cc.text_dim:
             raise ValueError(f"--text-encoder {path!r}: width {emb.shape[1]}, the model's "
                              f"conditions.text_dim is {cc.text_dim}")
-        text, mask = text_encoder.pad(emb, cc.text_tokens)
-        conditions.update(text=text[None], text_mask=mask[None])
+        conditions["text"], conditions["text_mask"] = text_encoder.pad(emb, cc.text_tokens)
     elif args.text_encoder:
         raise ValueError("--text-encoder needs --caption")
     return conditions
 
 
-FLAGS = {"class_id": "--class", "actions": "--actions", "text": "--caption"}
+FLAGS = {"class_id": "--class", "actions": "--actions", "text": "--caption",
+         "text_mask": "--caption"}
 
 
-def sample_conditioned(pipe, context, clip_sizes, args, conditions, on_clip):
-    """The prediction [N, H, W, 3] of a conditioned model: `sampling.sample_video` with the
-    conditions, on the pipeline's model, latent space and mesh."""
-    from vgpt_jax import conditioning
-    if args.reencode:
-        raise ValueError("--reencode is not supported with --class / --actions / --caption")
-    cc = pipe.model.cfg.conditions
-    try:  # the flag, not the keyword, in the message
-        conditioning.check_kinds(cc, conditions.get("class_id"), conditions.get("actions"),
-                                 conditions.get("text"))
-        if "class_id" in conditions:
-            conditioning.check_class_ids(conditions["class_id"], cc.num_classes)
-    except ValueError as e:
-        name = str(e).split(":")[0]
-        raise ValueError(f"{FLAGS.get(name, name)}: {str(e).split(':', 1)[1].strip()}") from None
-    frames = len(context) + sum(clip_sizes)
-    if "actions" in conditions and conditions["actions"].shape[1] != frames:
-        raise ValueError(f"--actions {args.actions!r}: {conditions['actions'].shape[1]} frames; "
-                         f"the context ({len(context)}) and the generated frames "
-                         f"({sum(clip_sizes)}) need {frames}")
-    cfg = sampling.SamplerConfig(
-        steps=args.steps, guidance=args.guidance, window=args.window,
-        time_shift=args.time_shift, cache_mode=args.cache_mode, anchor_frames=args.anchor_frames,
-        context_noise=args.context_noise, same_noise_every_clip=args.same_noise_every_clip,
-        prediction_type=pipe.prediction_type, condition_guidance=args.condition_guidance)
-    cfg.validate()
-    space = pipe.latent_space
-    latents = space.encode(context, seed=args.seed)[None]
-    out = sampling.sample_video(pipe.model, clip_sizes, cfg, [args.seed], context_BFhwc=latents,
-                                on_clip=on_clip, placement=pipe.placement, **conditions)
-    return space.decode(out[0])
+def in_flags(error: ValueError) -> ValueError:
+    """A condition keyword's error ("class_id: ...") as the flag's ("--class: ..."); any
+    other error as it is."""
+    name, colon, rest = str(error).partition(":")
+    return ValueError(f"{FLAGS[name]}:{rest}") if colon and name in FLAGS else error
 
 
 def trained_frame_size(pipe) -> tuple[int, int] | None:
@@ -242,16 +217,20 @@ def main(argv=None) -> int:
     if not conditions and args.condition_guidance != 1.0:
         raise ValueError("--condition-guidance needs --class, --actions or --caption")
     with tqdm(total=len(clip_sizes), unit="clip", disable=args.no_progress) as bar:
-        if conditions:
-            predicted = sample_conditioned(pipe, context, clip_sizes, args, conditions,
-                                           lambda k, clip: bar.update(1))
-        else:
+        try:
             predicted = pipe.predict(
-            context, clip_sizes=clip_sizes, steps=args.steps, guidance=args.guidance,
-            window=args.window, seed=args.seed, time_shift=args.time_shift,
-            cache_mode=args.cache_mode, anchor_frames=args.anchor_frames,
-            context_noise=args.context_noise, same_noise_every_clip=args.same_noise_every_clip,
-            reencode=args.reencode, callback=lambda k, n, clip: bar.update(1)).frames
+                context, clip_sizes=clip_sizes, steps=args.steps, guidance=args.guidance,
+                window=args.window, seed=args.seed, time_shift=args.time_shift,
+                cache_mode=args.cache_mode, anchor_frames=args.anchor_frames,
+                context_noise=args.context_noise,
+                same_noise_every_clip=args.same_noise_every_clip,
+                condition_guidance=args.condition_guidance, reencode=args.reencode,
+                callback=lambda k, n, clip: bar.update(1), **conditions).frames
+        except ValueError as e:  # the flag, not the keyword, in the message
+            flagged = in_flags(e)
+            if flagged is e:
+                raise
+            raise flagged from None
     video_io.write_video(args.output, predicted, fps)
     print(f"wrote {len(predicted)} predicted frames to {args.output}")
     if len(truth):

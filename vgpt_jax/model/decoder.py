@@ -11,7 +11,9 @@ maps one-to-one onto Hugging Face `Phi3Model` weights. Each parameter carries lo
 Optional, both absent in the pretrained model: LoRA adapters on the linears (`vgpt_jax.lora`,
 stacked like the kernels), and a condition stream (`vgpt_jax.conditioning`): condition tokens
 run through the same layers beside the frame tokens, attending to each other, while frame
-tokens add `gate * condition_attention` per head (gates [layers, heads], zero at init).
+tokens add `gate * condition_attention` per head (gates [layers, heads], zero at init). As
+condition tokens see no frame token, the stream's keys and values can be computed alone, once,
+for many calls (`DecoderStack.condition_kv`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vgpt_jax import attention, lora
-from vgpt_jax.conditioning import ConditionParam
+from vgpt_jax.conditioning import ConditionKV, ConditionParam
 from vgpt_jax.config import ModelConfig, dtype_of
 from vgpt_jax.layout import ConditionLayout, TokenMeta
 from vgpt_jax.model import rope
@@ -91,7 +93,7 @@ class DecoderStack(nnx.Module):
     def __call__(self, x_BTD, positions_BT, meta: TokenMeta, block_len: int, *,
                  cache: LayerKV | None = None, cache_meta: TokenMeta | None = None,
                  return_kv: bool = False, tap: Callable | None = None,
-                 conditions: tuple[jax.Array, ConditionLayout] | None = None):
+                 conditions: tuple[jax.Array, ConditionLayout] | ConditionKV | None = None):
         """Run the stack.
 
         x_BTD: input embeddings; positions_BT: RoPE positions; meta: token metadata [B, T].
@@ -102,24 +104,33 @@ class DecoderStack(nnx.Module):
         tap: a function of the residual stream [B, T, D] after each layer (e.g. a pooling, so
         that no [layers, B, T, D] stack is ever held); with it, the call returns only its
         outputs, stacked over layers: [layers, ...].
-        conditions: (condition token embeddings [B, C, D], their `ConditionLayout`), or None.
+        conditions: (condition token embeddings [B, C, D], their `ConditionLayout`): the
+        condition stream runs beside the frame tokens; or the stream's `ConditionKV`
+        (`condition_kv`): frame tokens attend to it, the stream is not run again; or None.
+        x_BTD None (conditions: embeddings): the condition stream alone; returns its
+        per-layer keys and values, a `LayerKV` (what `condition_kv` wraps).
         """
         cfg = self.cfg
         cdt = dtype_of(cfg.dtype)
-        cos, sin = rope.rope_tables(cfg, positions_BT)
-        kv_meta = meta if cache is None else TokenMeta(
-            *(jnp.concatenate([c, m], axis=1) for c, m in zip(cache_meta, meta)))
-        b, t, _ = x_BTD.shape
+        frames = x_BTD is not None
+        if frames:
+            cos, sin = rope.rope_tables(cfg, positions_BT)
+            kv_meta = meta if cache is None else TokenMeta(
+                *(jnp.concatenate([c, m], axis=1) for c, m in zip(cache_meta, meta)))
+        stream = conditions is not None and not isinstance(conditions, ConditionKV)
+        b = (x_BTD if frames else conditions[0]).shape[0]
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         lora_scale = self.lora.scale if self.lora is not None else 0.0
-        if conditions is not None:
+        if stream:
             x_cond, cond_layout = conditions
             cos_c, sin_c = rope.rope_tables(cfg, cond_layout.position)
+        elif conditions is not None:
+            cond_layout = conditions.layout
 
-        def layer(carry, p_and_cache):
-            p, layer_cache = p_and_cache
+        def layer(carry, per_layer_inputs):
+            p, layer_cache, layer_condition_kv = per_layer_inputs
             p = jax.tree.map(lambda a: a.astype(cdt), p)
-            x, xc = carry if conditions is not None else (carry, None)
+            x, xc = carry  # frame tokens, condition tokens (None: not run here)
 
             def linear(y, name):
                 return lora.adapt(project(y, p[name]), y, p, name, lora_scale)
@@ -139,43 +150,56 @@ class DecoderStack(nnx.Module):
                 gate, up = jnp.split(linear(y, "gate_up_proj"), 2, axis=-1)
                 return x + linear(up * jax.nn.silu(gate), "down_proj")
 
+            if stream:  # condition tokens attend to condition tokens only
+                qc, kc, vc = qkv_of(xc, cos_c, sin_c)
+                xc = attention_out_and_mlp(xc, attention.condition_attention(
+                    qc, kc, vc, cond_layout, cond_layout, block_len))
+            elif conditions is not None:
+                kc, vc = layer_condition_kv
+            if not frames:
+                return (x, xc), LayerKV(kc, vc)
             q, k, v = qkv_of(x, cos, sin)
             k_all, v_all = k, v
             if layer_cache is not None:
                 k_all = jnp.concatenate([layer_cache.k.astype(cdt), k], axis=1)
                 v_all = jnp.concatenate([layer_cache.v.astype(cdt), v], axis=1)
             o = attention.attend(q, k_all, v_all, meta, kv_meta, block_len, cfg.attention)
-            if xc is not None:
-                qc, kc, vc = qkv_of(xc, cos_c, sin_c)
+            if conditions is not None:
                 gate = p["condition_gate"][None, None, :, None]
                 o = o + gate * attention.condition_attention(q, kc, vc, meta, cond_layout,
                                                              block_len)
-                xc = attention_out_and_mlp(xc, attention.condition_attention(
-                    qc, kc, vc, cond_layout, cond_layout, block_len))
             x = constrain(attention_out_and_mlp(x, o), ("batch", "sequence", "embed"))
-            carry = (x, xc) if conditions is not None else x
             if tap is not None:
-                return carry, tap(x)
-            return carry, (LayerKV(k, v) if return_kv else None)
+                return (x, xc), tap(x)
+            return (x, xc), (LayerKV(k, v) if return_kv else None)
 
         if cfg.remat_policy != "none":  # a `config.REMAT_POLICIES` name
             layer = jax.checkpoint(layer, policy=None if cfg.remat_policy == "full" else
                                    getattr(jax.checkpoint_policies, cfg.remat_policy))
         params = self._layer_params()
-        x = constrain(x_BTD.astype(cdt), ("batch", "sequence", "embed"))
-        carry = x if conditions is None else (x, x_cond.astype(cdt))
+        x = constrain(x_BTD.astype(cdt), ("batch", "sequence", "embed")) if frames else None
+        carry = (x, x_cond.astype(cdt) if stream else None)
+        inputs = (params, cache,
+                  None if stream or conditions is None else (conditions.k, conditions.v))
         if cfg.scan_layers:
-            carry, per_layer = jax.lax.scan(layer, carry, (params, cache))
+            carry, per_layer = jax.lax.scan(layer, carry, inputs)
         else:
-            kvs = []
+            outs = []
             for i in range(cfg.num_layers):
-                layer_slice = lambda tree: jax.tree.map(lambda a: a[i], tree)
-                carry, kv_i = layer(carry, (layer_slice(params), layer_slice(cache)))
-                kvs.append(kv_i)
-            per_layer = (jax.tree.map(lambda *a: jnp.stack(a), *kvs)
-                         if return_kv or tap is not None else None)
-        if tap is not None:
+                carry, out_i = layer(carry, jax.tree.map(lambda a: a[i], inputs))
+                outs.append(out_i)
+            per_layer = (jax.tree.map(lambda *a: jnp.stack(a), *outs)
+                         if return_kv or tap is not None or not frames else None)
+        if tap is not None or not frames:
             return per_layer
-        x = carry if conditions is None else carry[0]
-        x = rms_norm(x, self.final_norm[...].astype(cdt), cfg.rms_norm_eps)
+        x = rms_norm(carry[0], self.final_norm[...].astype(cdt), cfg.rms_norm_eps)
         return (x, per_layer) if return_kv else x
+
+    def condition_kv(self, conditions: tuple[jax.Array, ConditionLayout],
+                     block_len: int) -> ConditionKV:
+        """The condition stream alone (embeddings [B, C, D], their layout) -> its per-layer
+        keys/values. Condition tokens attend only to condition tokens, so these are the ones
+        the stream computes beside any frame tokens: given as `conditions` to `__call__`, the
+        same outputs without running the stream again (the sampler's every Euler step)."""
+        return ConditionKV(*self(None, None, None, block_len, conditions=conditions),
+                           conditions[1])

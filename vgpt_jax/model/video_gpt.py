@@ -10,8 +10,10 @@ prediction, unpatchified in (p, q, c) order.
 
 Every entry point takes optional `conditions` (`conditioning.Conditions`, for a model whose
 config has `conditions`): embedded by `condition_embed` and run by the decoder as a condition
-stream. They are not cached: condition tokens see only condition tokens, so each call embeds
-and runs the conditions of every frame it covers (history and new frames) afresh, a few tokens.
+stream. They are not in the KV cache: each call covers the conditions of every frame it sees
+(history and new frames), a few tokens. Condition tokens see only condition tokens, so calls
+with the same conditions (a clip's denoising steps) can share the stream's keys and values:
+`condition_kv`, given as `conditions` to any entry point, runs it once.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from vgpt_jax import layout as layout_lib
-from vgpt_jax.conditioning import ConditionEmbed, Conditions
+from vgpt_jax.conditioning import ConditionEmbed, ConditionKV, Conditions
 from vgpt_jax.config import ModelConfig, dtype_of
 from vgpt_jax.model.decoder import DecoderStack, LayerKV, project
 
@@ -187,14 +189,21 @@ class VideoGPT(nnx.Module):
         tokens = jnp.where(layout.noisy[:, :, None, None], noisy, clean)
         return tokens.reshape(b, n * layout.block_len, d)
 
-    def condition_tokens(self, conditions: Conditions | None):
-        """(embeddings [B, C, D], layout) for the decoder, or None without conditions."""
-        if conditions is None:
-            return None
+    def condition_tokens(self, conditions: Conditions | ConditionKV | None):
+        """(embeddings [B, C, D], layout) for the decoder, or None without conditions; a
+        `ConditionKV` (`condition_kv`) as it is."""
+        if conditions is None or isinstance(conditions, ConditionKV):
+            return conditions
         if self.condition_embed is None:
             raise ValueError("conditions given, but the model config has no conditions "
                              "(model.conditions)")
         return self.condition_embed(conditions, dtype_of(self.cfg.dtype)), conditions.layout
+
+    def condition_kv(self, conditions: Conditions, block_len: int) -> ConditionKV:
+        """The condition stream's per-layer keys/values for blocks of `block_len` tokens
+        (`DecoderStack.condition_kv`): given as `conditions` to any entry point instead of
+        `conditions` themselves, the same outputs with no condition stream run."""
+        return self.decoder.condition_kv(self.condition_tokens(conditions), block_len)
 
     def head(self, hidden_BTD, t_BN, layout, latent_hw, blocks=None):
         """Decode noisy image tokens to x1 predictions [B, NB', h, w, C] for `blocks` (static)."""
@@ -214,7 +223,7 @@ class VideoGPT(nnx.Module):
     # ------------------------------------------------------------------ entry points
 
     def __call__(self, latents_BNhwc, t_BN, layout: layout_lib.Layout, *, output_blocks=None,
-                 conditions: Conditions | None = None):
+                 conditions: Conditions | ConditionKV | None = None):
         """Full forward over a sequence of blocks; returns x1 predictions [B, NB', h, w, C].
 
         `output_blocks` (a static index array or slice) selects which blocks to decode, e.g.
@@ -253,7 +262,7 @@ class VideoGPT(nnx.Module):
                                               for c, m in zip(cache.meta, meta))))
 
     def denoise_with_cache(self, noisy_latents_BNhwc, t_BN, layout: layout_lib.Layout,
-                           cache: KVCache, conditions: Conditions | None = None):
+                           cache: KVCache, conditions: Conditions | ConditionKV | None = None):
         """x1 prediction for noisy blocks that attend to a cached history: [B, NB, h, w, C]."""
         self.check_inputs(noisy_latents_BNhwc, t_BN, layout)
         x = self.embed(noisy_latents_BNhwc, t_BN, layout)
