@@ -20,8 +20,12 @@ CACHE = os.path.join(tempfile.gettempdir(), f"vgpt_jax_test_xla_cache_{os.getuid
 
 def env(devices: int) -> dict:
     e = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    # XLA:CPU aborts a collective whose device threads have not all arrived within 40 s; 8
+    # fake devices on a loaded 2-core box can miss that, so the limit is the test's own timeout.
     e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                       "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
              JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
              PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""))
