@@ -56,6 +56,23 @@ def test_recipe_runs_end_to_end(name, tmp_path):
     assert (tmp_path / "report.json").exists() and (tmp_path / "model" / "config.json").exists()
 
 
+def test_a_fine_tune_reads_its_world_with_the_base_model_normalization(tmp_path):
+    """The recipe's world (1-3 balls) has other latent statistics than the main job's: a
+    fine-tune from the main job's export ingests with the export's normalisation."""
+    from vgpt_jax import demo
+    from vgpt_jax.data.store import LatentStore
+    base = demo.run(demo.demo_config("quick"), str(tmp_path / "base"))
+    assert base["num_videos"]
+    cfg = recipes.recipe_config("image_animation", "quick")
+    cfg.checkpoint.init_from = str(tmp_path / "base" / "model")
+    report = recipes.run(cfg, str(tmp_path / "ft"))
+    assert report["steps"] == 2
+    ours = LatentStore(str(tmp_path / "ft" / "latents")).normalization
+    theirs = LatentStore(str(tmp_path / "base" / "latents")).normalization
+    np.testing.assert_array_equal(ours.shift, theirs.shift)
+    np.testing.assert_array_equal(ours.scale, theirs.scale)
+
+
 def test_captions_follow_the_simulator():
     clips = pw.make_dataset(6, 8, 32, seed=0, config=pw.WorldConfig(scenarios=("balls",),
                                                                        max_balls=3), num_takes=1)
