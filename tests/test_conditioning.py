@@ -1,7 +1,8 @@
 """Condition tokens: the mask rule for condition keys against a per-token reference, what a
 class and an action can influence, exact equality with the unconditioned model (zero gates,
 dropped conditions), the backends, cached == recomputed sampling with both guidances, and the
-guidance formula."""
+guidance formula; the token-dependent gate (`conditions.token_gate`) in each of these that it
+touches."""
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,13 @@ def model_config(conditions: bool, **changes) -> ModelConfig:
     return ModelConfig.from_config(cfg)
 
 
+def token_gated(**changes) -> ModelConfig:
+    """A class and actions, with the token-dependent gate `gate + y W_g`."""
+    cfg = model_config(True, **changes)
+    return dataclasses.replace(cfg, conditions=dataclasses.replace(cfg.conditions,
+                                                                   token_gate=True))
+
+
 def random_state(model_cfg: ModelConfig, seed: int):
     graphdef, state = nnx.split(checkpoint.abstract_model(model_cfg))
     rng = np.random.default_rng(seed)
@@ -40,16 +48,20 @@ def random_state(model_cfg: ModelConfig, seed: int):
         lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape, np.float32)), state)
 
 
-def pair(gate: float = 0.5, conditioned: ModelConfig | None = None, **changes):
+def pair(gate: float = 0.5, conditioned: ModelConfig | None = None, gate_proj: float = 1.0,
+         **changes):
     """(base model, conditioned model): the same base parameters, random condition paths, the
-    condition gates set to `gate`. `conditioned`: the conditioned model's config (default: a
-    class and actions)."""
+    condition gates set to `gate` (and a token gate's random W_g scaled by `gate_proj`: 0 is
+    its initialisation). `conditioned`: the conditioned model's config (default: a class and
+    actions)."""
     graphdef, base_state = random_state(model_config(False, **changes), 0)
     cgraph, cstate = random_state(conditioned or model_config(True, **changes), 1)
     params = cstate.to_pure_dict()
     params.update({k: v for k, v in base_state.to_pure_dict().items() if k != "decoder"})
     params["decoder"].update(base_state.to_pure_dict()["decoder"])
     params["decoder"]["condition_gate"] = jnp.full_like(params["decoder"]["condition_gate"], gate)
+    if "condition_gate_proj" in params["decoder"]:
+        params["decoder"]["condition_gate_proj"] *= gate_proj
     cstate.replace_by_pure_dict(params)
     return nnx.merge(graphdef, base_state), nnx.merge(cgraph, cstate)
 
@@ -57,6 +69,12 @@ def pair(gate: float = 0.5, conditioned: ModelConfig | None = None, **changes):
 @pytest.fixture(scope="module")
 def models():
     return pair()
+
+
+@pytest.fixture(scope="module")
+def token_gated_models():
+    """Per-head gates 0: the conditions act through the token gate's W_g alone."""
+    return pair(gate=0.0, conditioned=token_gated())
 
 
 def batch(seed=0, clip_ids=None):
@@ -127,8 +145,9 @@ def test_a_query_that_sees_no_condition_gets_exactly_zero():
 # ----------------------------------------------------------------------------- influence
 
 
-def test_a_class_changes_every_frame_and_an_action_only_frames_from_its_own_on(models):
-    _, cond = models
+@pytest.mark.parametrize("which", ["models", "token_gated_models"])
+def test_a_class_changes_every_frame_and_an_action_only_frames_from_its_own_on(which, request):
+    _, cond = request.getfixturevalue(which)
     b = batch(clip_ids=[[0, 1, 2, 3], [0, 0, 1, 1]])
     ref = per_frame_error(cond, b)
     other_class = per_frame_error(cond, {**b, "class_id": (b["class_id"] + 1) % CLASSES})
@@ -146,12 +165,22 @@ def test_a_class_changes_every_frame_and_an_action_only_frames_from_its_own_on(m
 # ----------------------------------------------------------------------------- exactness
 
 
-def test_zero_gates_give_exactly_the_unconditioned_model():
-    base, cond = pair(gate=0.0)
+@pytest.mark.parametrize("token_gate", [False, True])
+def test_zero_gates_give_exactly_the_unconditioned_model(token_gate):
+    base, cond = pair(gate=0.0, conditioned=token_gated() if token_gate else None, gate_proj=0.0)
     b = batch()
     np.testing.assert_array_equal(per_frame_error(cond, b), per_frame_error(base, unconditioned(b)))
     np.testing.assert_array_equal(per_frame_error(cond, unconditioned(b)),
                                   per_frame_error(base, unconditioned(b)))
+
+
+def test_a_zero_token_gate_gives_exactly_the_per_head_gates(models):
+    """The token gate at initialisation (W_g = 0) over non-zero per-head gates: the model
+    without it, whose parameters it shares."""
+    _, per_head = models
+    _, gated = pair(conditioned=token_gated(), gate_proj=0.0)
+    b = batch()
+    np.testing.assert_array_equal(per_frame_error(gated, b), per_frame_error(per_head, b))
 
 
 def test_dropped_conditions_give_exactly_the_unconditioned_model(models):
@@ -229,10 +258,11 @@ def test_backends_agree_with_conditions(impl):
 CONTEXT, CLIPS, WINDOW = 1, (2, 2), 4  # history 1 -> 3, then a window reset to the newest 2
 
 
-def test_cached_sampling_equals_recomputation_with_conditions(models):
+@pytest.mark.parametrize("which", ["models", "token_gated_models"])
+def test_cached_sampling_equals_recomputation_with_conditions(which, request):
     """Both guidances (three branches: the history rows and the no-conditions rows encoded
     apart), a class and per-frame actions, across a window reset."""
-    _, cond = models
+    _, cond = request.getfixturevalue(which)
     rng = np.random.default_rng(0)
     context = rng.standard_normal((2, CONTEXT, H, W, 4)).astype(np.float32)
     actions = rng.standard_normal((2, CONTEXT + sum(CLIPS), ACTION_DIM)).astype(np.float32)

@@ -49,7 +49,9 @@ def finetune_config(init_from, steps=2, rank=2):
     cfg = make_config(**{"train.steps": steps, "checkpoint.save_interval_steps": steps,
                          "checkpoint.init_from": init_from, "data.global_batch_size": 4,
                          "optim.learning_rate": 1e-2})
-    cfg.model.conditions = dict(num_classes=CLASSES, action_dim=ACTION_DIM, dropout=0.0)
+    # token_gate: its W_g is a new zero-initialised parameter too, covered by step 0 exactness
+    cfg.model.conditions = dict(num_classes=CLASSES, action_dim=ACTION_DIM, dropout=0.0,
+                                token_gate=True)
     cfg.model.lora = dict(rank=rank, alpha=4.0)
     return cfg
 
@@ -104,7 +106,8 @@ def test_lora_changes_only_adapter_and_condition_parameters(pretrained, lora_run
     moved = {jax.tree_util.keystr(k) for k, lab in flat_label if flat_changed[k]}
     frozen = {jax.tree_util.keystr(k) for k, lab in flat_label if lab == "frozen"}
     assert moved and not moved & frozen
-    assert any("lora_b" in k for k in moved) and any("condition_gate" in k for k in moved)
+    assert any("lora_b" in k for k in moved) and any("condition_gate'" in k for k in moved)
+    assert any("condition_gate_proj" in k for k in moved)
 
 
 def test_adapters_export_alone_and_merge_into_base(pretrained, lora_run, tmp_path):

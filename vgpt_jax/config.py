@@ -60,6 +60,11 @@ class ConditionConfig:
     dropout: float = 0.1     # training: probability of dropping a video's conditions (guidance)
     text_dim: int = 0        # > 0: text embeddings of this width (a frozen encoder's), global
     text_tokens: int = 0     # with text_dim: text tokens per video (padded / truncated to this)
+    # True: each frame token's per-head gate on the condition attention is `gate + y W_g`, y the
+    # token's normed layer input (W_g zero-initialised), so how much of a condition a token
+    # takes in can depend on where it is and what it shows (a push on one ball reaches that
+    # ball's tokens); False: one gate per layer and head for every token.
+    token_gate: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -176,6 +181,7 @@ class ModelConfig:
         need((cond.text_dim > 0) == (cond.text_tokens > 0), "conditions",
              "text_dim and text_tokens are given together")
         need(0.0 <= cond.dropout <= 1.0, "conditions", "dropout must lie in [0, 1]")
+        need(isinstance(cond.token_gate, bool), "conditions", "token_gate must be a bool")
         need(isinstance(lora.rank, int) and lora.rank >= 0, "lora", "rank must be an integer >= 0")
         need(lora.alpha > 0, "lora", "alpha must be > 0")
         need(bool(lora.targets) and set(lora.targets) <= set(LORA_TARGETS), "lora",

@@ -11,7 +11,9 @@ maps one-to-one onto Hugging Face `Phi3Model` weights. Each parameter carries lo
 Optional, both absent in the pretrained model: LoRA adapters on the linears (`vgpt_jax.lora`,
 stacked like the kernels), and a condition stream (`vgpt_jax.conditioning`): condition tokens
 run through the same layers beside the frame tokens, attending to each other, while frame
-tokens add `gate * condition_attention` per head (gates [layers, heads], zero at init). As
+tokens add `gate * condition_attention` per head (gates [layers, heads], zero at init; with
+`conditions.token_gate` each token's gate is `gate + y W_g`, y its normed layer input and W_g
+[layers, hidden, heads] zero at init, so a condition can reach some tokens more than others). As
 condition tokens see no frame token, the stream's keys and values can be computed alone, once,
 for many calls (`DecoderStack.condition_kv`).
 """
@@ -77,6 +79,12 @@ class DecoderStack(nnx.Module):
         self.condition_gate = (ConditionParam(jnp.zeros((n, cfg.num_heads), pdt),
                                               logical_axes=("layers", "heads"))
                                if cfg.conditions.enabled else None)
+        # Zero-initialised like the gates, so that the gate `condition_gate + y W_g` starts as
+        # exactly the per-head gate (the pretrained model at a fine-tune's step 0).
+        self.condition_gate_proj = (ConditionParam(jnp.zeros((n, d, cfg.num_heads), pdt),
+                                                   logical_axes=("layers", "embed", "heads"))
+                                    if cfg.conditions.enabled and cfg.conditions.token_gate
+                                    else None)
         self.lora = (lora.StackedLoRA(cfg, {t: getattr(self, t) for t in cfg.lora.targets},
                                       rngs=rngs) if cfg.lora.rank else None)
 
@@ -84,8 +92,9 @@ class DecoderStack(nnx.Module):
         params = dict(input_norm=self.input_norm[...], qkv_proj=self.qkv_proj[...],
                       o_proj=self.o_proj[...], post_attention_norm=self.post_attention_norm[...],
                       gate_up_proj=self.gate_up_proj[...], down_proj=self.down_proj[...])
-        if self.condition_gate is not None:
-            params["condition_gate"] = self.condition_gate[...]
+        for name in ("condition_gate", "condition_gate_proj"):
+            if getattr(self, name) is not None:
+                params[name] = getattr(self, name)[...]
         if self.lora is not None:
             params.update(self.lora.layer_params())
         return params
@@ -136,13 +145,14 @@ class DecoderStack(nnx.Module):
                 return lora.adapt(project(y, p[name]), y, p, name, lora_scale)
 
             def qkv_of(x, cos, sin):
+                """(q, k, v) after RoPE, and the normed input y [B, n, D] they come from."""
                 n = x.shape[1]
                 y = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
                 qkv = linear(y, "qkv_proj")
                 q = qkv[..., : h * hd].reshape(b, n, h, hd)
                 k = qkv[..., h * hd: (h + kvh) * hd].reshape(b, n, kvh, hd)
                 v = qkv[..., (h + kvh) * hd:].reshape(b, n, kvh, hd)
-                return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
+                return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v, y
 
             def attention_out_and_mlp(x, o):
                 x = x + linear(o.reshape(*x.shape[:2], h * hd), "o_proj")
@@ -151,21 +161,23 @@ class DecoderStack(nnx.Module):
                 return x + linear(up * jax.nn.silu(gate), "down_proj")
 
             if stream:  # condition tokens attend to condition tokens only
-                qc, kc, vc = qkv_of(xc, cos_c, sin_c)
+                qc, kc, vc, _ = qkv_of(xc, cos_c, sin_c)
                 xc = attention_out_and_mlp(xc, attention.condition_attention(
                     qc, kc, vc, cond_layout, cond_layout, block_len))
             elif conditions is not None:
                 kc, vc = layer_condition_kv
             if not frames:
                 return (x, xc), LayerKV(kc, vc)
-            q, k, v = qkv_of(x, cos, sin)
+            q, k, v, y = qkv_of(x, cos, sin)
             k_all, v_all = k, v
             if layer_cache is not None:
                 k_all = jnp.concatenate([layer_cache.k.astype(cdt), k], axis=1)
                 v_all = jnp.concatenate([layer_cache.v.astype(cdt), v], axis=1)
             o = attention.attend(q, k_all, v_all, meta, kv_meta, block_len, cfg.attention)
             if conditions is not None:
-                gate = p["condition_gate"][None, None, :, None]
+                gate = p["condition_gate"][None, None, :, None]        # [1, 1, H, 1]
+                if "condition_gate_proj" in p:  # per token: [B, T, H, 1]; the same y as QKV
+                    gate = gate + project(y, p["condition_gate_proj"])[..., None]
                 o = o + gate * attention.condition_attention(q, kc, vc, meta, cond_layout,
                                                              block_len)
             x = constrain(attention_out_and_mlp(x, o), ("batch", "sequence", "embed"))
