@@ -175,3 +175,18 @@ def test_folder_ingestion_reads_sidecar_captions(encoder, tmp_path):
                                encoder.encode([extras["a.mp4"]["caption"]])[0], atol=1e-2)
     assert "text" not in extras["b.mp4"]
     assert os.path.basename(text_encoder.caption_path("x/y.mp4")) == "y.txt"
+
+
+def test_the_abstract_batch_of_a_text_model_holds_its_text():
+    """`vgpt plan` lowers the step on `StepSetup.abstract_batch`: every array the batch
+    shardings name (text and its mask too) with the shape the input pipeline makes."""
+    from vgpt_jax import demo, train
+    cfg = demo.demo_config("quick")
+    cfg.model.latent_channels = 48
+    cfg.model.conditions = dict(text_dim=32, text_tokens=8)
+    step = train.build_step(cfg)
+    batch = step.abstract_batch((8, 8))
+    assert set(batch) == set(step.batch_shardings)
+    b = cfg.data.global_batch_size
+    assert batch["text"].shape == (b, 8, 32) and batch["text_mask"].shape == (b, 8)
+    assert batch["text_mask"].dtype == jnp.bool_

@@ -84,8 +84,8 @@ def demo_config(size: str = "default") -> ml_collections.ConfigDict:
         # (sigma / (sigma + s - s sigma)) spends the Euler steps at high noise, where a frame's
         # layout (where each ball goes) is decided; on the 12-frame rollout shifts 1 / 3 / 10 /
         # 20 gave ball position errors 5.36 / 5.42 / 4.94 / 4.87 px (balls detected 86% / 85% /
-        # 88% / 90%) at guidance 2, and guidance 2.5 / 2 / 1.5 / 1.25 at shift 10-20 gave
-        # 5.35 / 4.87 / 4.50 / 4.53 px. Context noise 0 / 0.05 / 0.1 gave rollout MSE 0.0216 /
+        # 88% / 90%) at guidance 2; guidance 2.5 / 1.5 at shift 10 gave 5.35 / 4.54 px, and
+        # 1.5 / 1.25 at shift 20 gave 4.50 / 4.53 px. Context noise 0 / 0.05 / 0.1 gave rollout MSE 0.0216 /
         # 0.0203 / 0.0189 (an earlier model, guidance 2).
         context_frames=4, predict_frames=4, clip_frames=1, steps=20, guidance=1.5,
         time_shift=20.0, seed=0, max_grids=8,
@@ -95,7 +95,7 @@ def demo_config(size: str = "default") -> ml_collections.ConfigDict:
         window=0, context_noise=0.1,
         # The longer rollout: 12 frames, each conditioned on the model's own earlier frames.
         rollout_frames=12))
-    if size == "long":  # 4x the data, 6000 steps: 40 min 43 s; wins the 12-frame rollout too
+    if size == "long":  # 4x the data, 6000 steps: 27 min; wider margins on the rollout
         cfg.world.num_train_videos, cfg.world.num_test_videos = 8192, 64
         cfg.train.steps = 6000
         cfg.checkpoint.save_interval_steps = 1000

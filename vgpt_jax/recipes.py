@@ -267,16 +267,17 @@ def _denoising_error(model, latents_BFhwc, actions_BFA, context: int, t: float =
     return float(np.mean(np.asarray(err)[:, context:]))
 
 
-def _base_normalization(cfg):
-    """The latent normalisation of the model a fine-tune starts from (`checkpoint.init_from`),
-    or None: the recipe's world has other statistics than the pretraining data (1-3 balls, say),
-    and a model reads only latents normalised as in its own training."""
+def _ingest_normalization(cfg):
+    """How to normalise the recipe's latents: `cfg.normalize` (measured on its world), or for a
+    fine-tune (`checkpoint.init_from`) its base model's normalisation ("none" if it has none):
+    the recipe's world has other statistics than the pretraining data (1-3 balls, say), and a
+    model reads only latents normalised as in its own training."""
     if not cfg.checkpoint.init_from:
-        return None
+        return cfg.normalize
     from vgpt_jax.checkpoint import resolve_params
     from vgpt_jax.vae.latent_space import normalization_of
     base_config = resolve_params(cfg.checkpoint.init_from)[1]
-    return normalization_of(base_config.get("data", {}).get("latent_normalization"))
+    return normalization_of(base_config.get("data", {}).get("latent_normalization")) or "none"
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -295,7 +296,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if not os.path.exists(os.path.join(store_dir, "manifest.json")):
         ingest_arrays(((c.frames, c.fps, c.name, x) for c, x in zip(train_clips, train_extra)),
                       store_dir, latent_space=space, num_shards=1, overwrite=True,
-                      normalize=_base_normalization(cfg) or cfg.normalize)
+                      normalize=_ingest_normalization(cfg))
     cfg.data.store = store_dir
     train_dir = os.path.join(workdir, "train")
     result = train.train(cfg, train_dir)

@@ -389,9 +389,12 @@ class StepSetup:
         """A global batch of `data.num_frames` frames of `latent_hw` latents as
         ShapeDtypeStructs with their shardings (what `step_fn.lower` takes)."""
         b, f, (h, w) = self.global_batch, self.data_cfg.num_frames, latent_hw
+        cc = self.model_cfg.conditions
         shapes = {"latents": ((b, f, h, w, self.model_cfg.latent_channels), jnp.float32),
                   "clip_ids": ((b, f), jnp.int32), "class_id": ((b,), jnp.int32),
-                  "actions": ((b, f, self.model_cfg.conditions.action_dim), jnp.float32)}
+                  "actions": ((b, f, cc.action_dim), jnp.float32),
+                  "text": ((b, cc.text_tokens, cc.text_dim), jnp.float32),
+                  "text_mask": ((b, cc.text_tokens), jnp.bool_)}
         return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=sh)
                 for k, sh in self.batch_shardings.items()}
 

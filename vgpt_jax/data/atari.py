@@ -85,23 +85,19 @@ def record_episode(game: str, num_frames: int, size: int, seed: int, frame_skip:
 
 def record_episodes(game: str, num_episodes: int, num_frames: int, size: int = 64,
                     seed: int = 0, split: str = "train", frame_skip: int = 4,
-                    hold: float = 4.0, skip_frames: int = 0) -> list[Episode]:
-    """`num_episodes` episodes; deterministic in the arguments (split-separated seeds).
-    `skip_frames`: agent steps played (randomly) before recording starts, past the title."""
+                    hold: float = 4.0) -> list[Episode]:
+    """`num_episodes` episodes; deterministic in the arguments (split-separated seeds)."""
     from vgpt_jax.data.physics_world import video_seed
     out, index = [], 0
     while len(out) < num_episodes:
         s = video_seed(seed, split, index)
         index += 1
-        ep = record_episode(game, num_frames + skip_frames, size, s, frame_skip, hold)
+        ep = record_episode(game, num_frames, size, s, frame_skip, hold)
         if ep is None:
             if index > 10 * num_episodes + 10:
-                raise ValueError(f"{game}: the game ends within {num_frames + skip_frames} "
+                raise ValueError(f"{game}: the game ends within {num_frames} "
                                  "agent steps in most episodes; record shorter ones")
             continue
-        if skip_frames:
-            ep.frames, ep.actions = ep.frames[skip_frames:], ep.actions[skip_frames:].copy()
-            ep.actions[0] = 0.0
         out.append(ep)
     return out
 
