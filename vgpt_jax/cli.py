@@ -82,6 +82,16 @@ def _one_line(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
+def _leave_distributed_runtime() -> None:
+    """After a command that ran in a `jax.distributed` runtime succeeded: enter the shutdown
+    barrier now, with every backend alive. Left to JAX's exit hook, the barrier runs after
+    the backends are torn down; a process slow there missed it on a loaded 2-core machine,
+    and every process of a finished job aborted (SIGABRT, "Shutdown barrier has failed")."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("VGPT_DEBUG", "") not in ("", "0")
@@ -100,7 +110,10 @@ def main(argv=None) -> int:
     _quiet_accelerator_probe()
     try:
         # Imported on demand: `vgpt prepare` should not pay for what `vgpt train` imports.
-        return importlib.import_module(COMMANDS[command]).main(rest) or 0
+        code = importlib.import_module(COMMANDS[command]).main(rest) or 0
+        if code == 0:
+            _leave_distributed_runtime()
+        return code
     except KeyboardInterrupt:
         if debug:
             raise

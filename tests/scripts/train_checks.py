@@ -153,6 +153,9 @@ def run(args) -> None:
     if args.out and (not args.port or args.process_id == 0):
         np.savez(args.out, step=result.step, preempted=result.preempted,
                  loss=result.metrics.get("loss", np.nan), **arrays)
+    if args.port:  # as the CLI does: the shutdown barrier while the backends are alive
+        import jax
+        jax.distributed.shutdown()
 
 
 def main() -> None:
