@@ -70,6 +70,18 @@ def test_store_records_the_measured_normalisation(tmp_path):
     assert ingest_arrays(_videos(), str(tmp_path / "raw"), "space_to_depth:2").normalization is None
 
 
+def test_a_given_normalisation_is_applied_to_the_records(tmp_path):
+    """More data for a model: ingested with its normalisation, the records hold that
+    normalisation of the raw latents (not raw latents under a manifest that says otherwise)."""
+    videos = _videos()
+    given = ingest_arrays(_videos(seed=1), str(tmp_path / "model"), "space_to_depth:2",
+                          normalize="shift_scale").normalization
+    store = ingest_arrays(videos, str(tmp_path / "s"), "space_to_depth:2", normalize=given)
+    assert store.normalization == given
+    raw = ls.SpaceToDepth(2).encode(videos[0][0])
+    np.testing.assert_allclose(store[0]["latents"], given.normalize(raw), atol=2e-3)
+
+
 def _train_config(store):
     import tiny_test
     cfg = tiny_test.get_config()

@@ -270,6 +270,7 @@ def ingest_arrays(items: Iterable[tuple[np.ndarray, float, str]], output: str, l
         normalization = measure_normalization(
             (encode_in_batches(raw, frames[:normalize_sample_frames], encode_batch)
              for frames, *_ in items), normalize, normalize_sample_frames)
+    if normalization is not None:  # the records hold what the manifest says: normalised latents
         space = with_normalization(space, normalization)
     with store_lib.StoreWriter(output, num_shards=num_shards, dtype=dtype, latent_space=description,
                                settings=all_settings, overwrite=overwrite,
