@@ -63,6 +63,14 @@ def abstract_model(model_cfg: ModelConfig) -> VideoGPT:
     return nnx.eval_shape(lambda: VideoGPT(model_cfg, rngs=nnx.Rngs(0)))
 
 
+def write_config(directory: str, config: ml_collections.ConfigDict | dict) -> None:
+    """`directory/config.json` from a ConfigDict or dict, written atomically (a reader never
+    sees half a file, a crash keeps the old one)."""
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    with atomic_write(os.path.join(directory, CONFIG_FILE)) as f:
+        json.dump(config_dict, f, indent=2, default=list)
+
+
 def export_model(directory: str, model: VideoGPT, config: ml_collections.ConfigDict | dict) -> str:
     """Write `config.json` and `params/` to `directory` (atomically, via orbax's temp dirs)."""
     directory = os.path.abspath(directory)
@@ -73,8 +81,7 @@ def export_model(directory: str, model: VideoGPT, config: ml_collections.ConfigD
     params = nnx.state(model, nnx.Param).to_pure_dict()
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=True)
-    with atomic_write(os.path.join(directory, CONFIG_FILE)) as f:
-        json.dump(config_dict, f, indent=2, default=list)
+    write_config(directory, config_dict)
     return directory
 
 

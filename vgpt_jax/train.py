@@ -536,8 +536,7 @@ def train(config, workdir: str, data_source=None, *, on_step=None, devices=None,
     loop, saving = run.loop_cfg, CheckpointConfig.from_config(config.checkpoint)
     writer = MetricsWriter(workdir, loop.tensorboard, start)
     if writer.enabled:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=list)
+        ckpt_lib.write_config(workdir, config)
     peak = loop.peak_flops_per_device or measure_peak_flops()
     watch = PreemptionWatch(saving.save_on_preemption)
     total, b = loop.steps, run.global_batch
