@@ -40,6 +40,21 @@ def test_ball_counter_reads_the_true_videos():
     assert np.mean(counted == np.asarray([len(c.radii) for c in clips])) >= 0.5
 
 
+def test_ball_errors_read_the_true_videos_and_the_controlled_ball_alone():
+    from vgpt_jax.vae.latent_space import make_latent_space
+    clips = [p.clip for p in action_world.make_dataset(3, 4, 32, seed=2)]
+    space = make_latent_space("space_to_depth:8")
+    latents = np.stack([space.encode(c.frames) for c in clips])
+    got = recipes.ball_errors(space, latents[:, 1:], clips, 1)
+    assert got["position_error_px"] < 0.5 and got["detection_rate"] == 1.0
+    # A copy of frame 0: the kicked, moving ball 0 is off by its motion.
+    still = np.repeat(latents[:, :1], 3, axis=1)
+    moved = np.mean([np.linalg.norm(c.pixel_positions()[1:, 0] - c.pixel_positions()[:1, 0], axis=-1).mean()
+                     for c in clips])
+    np.testing.assert_allclose(recipes.ball_errors(space, still, clips, 1, 1)["position_error_px"],
+                               moved, atol=0.5)
+
+
 @pytest.mark.parametrize("name", recipes.RECIPES)
 def test_recipe_runs_end_to_end(name, tmp_path):
     if name == "atari_actions":  # the atari extra (ale-py); CI installs test,eval,tpu only
@@ -48,11 +63,15 @@ def test_recipe_runs_end_to_end(name, tmp_path):
     assert report["steps"] == 2 and np.isfinite(report["final_loss"])
     actions = ("mse_true_actions", "mse_shuffled_actions", "copy_last_mse",
                "denoising_error_true_actions", "denoising_error_shuffled_actions")
+    controlled = tuple(f"controlled_ball_{k}" for k in ("true_actions", "shuffled_actions", "copy_last"))
     keys = {"atari_actions": actions, "class_to_video": ("class_accuracy", "unconditional_accuracy"),
-            "action_prediction": actions,
-            "image_animation": ("mse", "copy_frame_mse"),
+            "action_prediction": actions + controlled,
+            "image_animation": ("mse", "copy_frame_mse", "balls", "copy_frame_balls"),
             "text_to_video": ("count_accuracy", "unconditional_count_accuracy")}[name]
-    assert all(np.isfinite(report[k]) for k in keys)
+    number = lambda v: v["position_error_px"] if isinstance(v, dict) else v  # ball metrics: a dict
+    assert all(np.isfinite(number(report[k])) for k in keys)
+    if name == "class_to_video":  # samples per class asked for, by the ball count read
+        assert np.asarray(report["balls_read_per_class"]).sum() == report["samples"]
     assert (tmp_path / "report.json").exists() and (tmp_path / "model" / "config.json").exists()
 
 

@@ -2,7 +2,7 @@
 
     vgpt recipe class_to_video    --workdir runs/class      # ball count (1-3) -> a video
     vgpt recipe text_to_video     --workdir runs/text       # a caption -> a video
-    vgpt recipe action_prediction --workdir runs/action     # frames + pushes -> next frames
+    vgpt recipe action_prediction --workdir runs/action     # frames + kicks -> next frames
     vgpt recipe image_animation   --workdir runs/animate    # one frame -> a video
     vgpt recipe atari_actions     --workdir runs/atari      # Atari frames + actions -> next frames
 
@@ -11,22 +11,24 @@ Each recipe simulates its world, ingests it into a latent store (conditions in e
 export instead, e.g. the demo's `runs/demo/model`), and measures what its conditions do:
 - class_to_video: videos sampled from nothing per class (condition guidance `guidance_c`),
   their ball count read off the decoded frames (bright connected blobs in frame 0); class
-  accuracy against chance (a third), and the counter's own accuracy on true videos;
+  accuracy against chance (a third), the counts read per class asked for (a confusion table
+  and means) with and without the class, and the counter's own accuracy on true videos;
 - text_to_video: each video's caption is templated from the simulator's ground truth
   (`caption`: "two balls, the red one moves left") and embedded once at ingestion by a frozen
   text encoder (`text_encoder`; the embedded default is a small random T5 written into the
   workdir, `--text-encoder` takes a local folder or hub id, e.g. google-t5/t5-small); videos
   are sampled from nothing for the held-out captions and their ball count read as above:
   count accuracy with the captions vs unconditional samples;
-- action_prediction: held-out pushed videos continued frame by frame from `context_frames`
-  frames, given their true actions or another video's (shuffled); latent MSE of each, and of
-  copying the last frame, and the one-step x1 error at t = 0.5 of each predicted frame (one
-  frame per clip, the same noise draws for both). A model that uses its actions is better with
-  the true ones;
+- action_prediction: held-out kicked videos (`data.action_world`) continued frame by frame
+  from `context_frames` frames, given their true actions or another video's (shuffled); latent
+  MSE of each and of copying the last frame, ball 0's position error on the decoded frames
+  (`ball_errors`), and the one-step x1 error at t = 0.5 of each predicted frame (one frame per
+  clip, the same noise draws for both). A model that uses its actions is better with the true
+  ones;
 - atari_actions: action_prediction's measurements on Atari episodes (`data.atari`, the `atari`
   extra: ale-py and its ROMs; a random policy, the one-hot action before each frame);
 - image_animation: one frame in, `predict_frames` out (clip mode "first_frame": the first
-  frame is the context of one clip); latent MSE against copying the frame.
+  frame is the context of one clip); latent MSE and ball metrics against copying the frame.
 
 `recipe_config(name, size)` holds the embedded defaults (`configs/<name>.py` returns them);
 the model, optimiser and latent space are the demo's (`demo.demo_config`). `size="quick"` is the
@@ -69,7 +71,8 @@ def recipe_config(name: str, size: str = "default") -> ml_collections.ConfigDict
         w.num_frames, cfg.data.num_frames = 6, 4
     cfg.eval = ml_collections.ConfigDict(dict(
         context_frames=2, predict_frames=2 if quick else 4, steps=1 if quick else 20,
-        guidance=1.0, guidance_c=1.0, samples_per_class=1 if quick else 8, seed=0))
+        guidance=1.0, guidance_c=1.0, time_shift=1.0, samples_per_class=1 if quick else 32,
+        seed=0))
     # token_gate (off, the default): see `ConditionConfig`; measured on a one-ball world it
     # only began to separate true from shuffled actions (0.75% at 600 steps).
     cc = dict(num_classes=0, action_dim=0, dropout=0.1, token_gate=False)
@@ -87,7 +90,9 @@ def recipe_config(name: str, size: str = "default") -> ml_collections.ConfigDict
     elif name == "action_prediction":
         from vgpt_jax.data.action_world import ACTION_DIM
         w.max_balls = 2
-        w.push_speed, w.push_prob = 1.0, 0.5
+        # The main job's fps (a fine-tune from its export knows the world's timing); a kick
+        # moves the controlled ball 3 px in the next frame, twice the free balls' fastest.
+        w.push_speed, w.push_prob = 3.0, 0.5
         cc["action_dim"] = ACTION_DIM
         cc["dropout"] = 0.0             # no action guidance: the actions are always given
     elif name == "atari_actions":
@@ -159,9 +164,9 @@ def _world(cfg, split: str, count: int, encoder=None):
         cfg.model.conditions.action_dim = int(episodes[0].actions.shape[1])
         return episodes, [{"actions": e.actions.tolist()} for e in episodes]
     if cfg.recipe == "action_prediction":
-        pushed = action_world.make_dataset(count, w.num_frames, w.frame_size, w.seed, split,
+        kicked = action_world.make_dataset(count, w.num_frames, w.frame_size, w.seed, split,
                                            world, w.push_speed, w.push_prob)
-        return [p.clip for p in pushed], [{"actions": p.actions.tolist()} for p in pushed]
+        return [k.clip for k in kicked], [{"actions": k.actions.tolist()} for k in kicked]
     clips = pw.make_dataset(count, w.num_frames, w.frame_size, w.seed, split, config=world,
                             num_takes=1)
     if cfg.recipe == "class_to_video":
@@ -183,14 +188,32 @@ def _mse(a, b) -> float:
     return float(np.mean((np.asarray(a) - np.asarray(b)) ** 2))
 
 
-def evaluate(cfg, model, space, test_latents, extras, test_frames) -> dict:
-    """The recipe's measurements (module docstring) on held-out latents [N, F, h, w, C]."""
+def ball_errors(space, latents_NFhwc, clips, start: int, balls_kept: int | None = None) -> dict:
+    """`eval.balls.score` of decoded latents against the simulator's balls of frames `start..`
+    of `clips` (the first `balls_kept` balls, default all), averaged over the videos."""
+    from vgpt_jax.data.physics_world import WorldConfig
+    from vgpt_jax.eval import balls as balls_lib
+    keep = slice(None, balls_kept)
+    scores = []
+    for latents, clip in zip(latents_NFhwc, clips):
+        frames = space.decode(np.asarray(latents))
+        truth = balls_lib.Balls(clip.pixel_positions()[start:start + len(frames), keep],
+                                (clip.radii * clip.frames.shape[1])[keep], clip.colors[keep],
+                                np.asarray(WorldConfig().background))
+        scores.append(balls_lib.score(frames, truth))
+    return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+
+def evaluate(cfg, model, space, test_latents, extras, test_clips) -> dict:
+    """The recipe's measurements (module docstring) on held-out latents [N, F, h, w, C] of
+    `test_clips` (physics clips or Atari episodes: `.frames` each)."""
     from vgpt_jax import sampling
     from vgpt_jax.data.physics_world import WorldConfig
     e = cfg.eval
     sampler = sampling.SamplerConfig(steps=int(e.steps), guidance=float(e.guidance),
                                      window=int(cfg.data.num_frames),
-                                     condition_guidance=float(e.guidance_c))
+                                     condition_guidance=float(e.guidance_c),
+                                     time_shift=float(e.time_shift))
     n = len(test_latents)
     seeds = list(range(n))
     if cfg.recipe == "text_to_video":
@@ -203,30 +226,52 @@ def evaluate(cfg, model, space, test_latents, extras, test_frames) -> dict:
         frames = int(e.predict_frames)
         background = WorldConfig().background
 
-        def accuracy(class_id):
+        def counts(class_id):
             out = sampling.sample_video(model, (frames,), sampler, list(range(len(wanted))),
                                         latent_hw=hw, class_id=class_id)
-            first = np.stack([space.decode(v[:1])[0] for v in out])
-            return float(np.mean(count_balls(first, background) == wanted + 1))
+            return count_balls(np.stack([space.decode(v[:1])[0] for v in out]), background)
 
+        def confusion(counted):  # rows: the class asked for; columns: 0..classes+1 balls read
+            return [np.bincount(np.minimum(counted[wanted == k], classes + 1),
+                                minlength=classes + 2).tolist() for k in range(classes)]
+
+        def mean_read(counted):  # a counter that misses faint balls still orders the classes
+            return [float(counted[wanted == k].mean()) for k in range(classes)]
+
+        conditioned, unconditioned = counts(wanted), counts(None)
         truth = np.asarray([x["class_id"] for x in extras])
-        counted = count_balls(np.stack([f[0] for f in test_frames]), background)
-        return {"class_accuracy": accuracy(wanted), "unconditional_accuracy": accuracy(None),
+        counted = count_balls(np.stack([clip.frames[0] for clip in test_clips]), background)
+        return {"class_accuracy": float(np.mean(conditioned == wanted + 1)),
+                "unconditional_accuracy": float(np.mean(unconditioned == wanted + 1)),
                 "chance": 1.0 / classes, "counter_accuracy_on_true_videos":
-                float(np.mean(counted == truth + 1)), "samples": int(len(wanted))}
+                float(np.mean(counted == truth + 1)), "samples": int(len(wanted)),
+                "balls_read_per_class": confusion(conditioned),
+                "balls_read_unconditional": confusion(unconditioned),
+                "mean_balls_read_per_class": mean_read(conditioned),
+                "mean_balls_read_unconditional": mean_read(unconditioned)}
     c, p = int(e.context_frames), int(e.predict_frames)
     context, truth = test_latents[:, :c], test_latents[:, c:c + p]
-    copy = _mse(np.repeat(context[:, -1:], p, axis=1), truth)
+    copied = np.repeat(context[:, -1:], p, axis=1)
+    copy = _mse(copied, truth)
     if cfg.recipe == "image_animation":
         pred = sampling.sample_video(model, (p,), sampler, seeds, context_BFhwc=context)
-        return {"mse": _mse(pred, truth), "copy_frame_mse": copy, "videos": n}
+        return {"mse": _mse(pred, truth), "copy_frame_mse": copy,
+                "balls": ball_errors(space, pred, test_clips, c),
+                "copy_frame_balls": ball_errors(space, copied, test_clips, c), "videos": n}
     actions = np.asarray([x["actions"] for x in extras], np.float32)[:, :c + p]
     shuffled = actions.copy()
     shuffled[:, c:] = actions[np.roll(np.arange(n), 1), c:]
     run = lambda acts: sampling.sample_video(model, (1,) * p, sampler, seeds,
                                              context_BFhwc=context, actions=acts)
-    return {"mse_true_actions": _mse(run(actions), truth),
-            "mse_shuffled_actions": _mse(run(shuffled), truth), "copy_last_mse": copy,
+    with_true, with_shuffled = run(actions), run(shuffled)
+    controlled = {}
+    if cfg.recipe == "action_prediction":  # ball 0, the one the actions kick
+        controlled = {f"controlled_ball_{k}": ball_errors(space, v, test_clips, c, 1)
+                      for k, v in (("true_actions", with_true), ("shuffled_actions", with_shuffled),
+                                   ("copy_last", copied))}
+    return {"mse_true_actions": _mse(with_true, truth),
+            "mse_shuffled_actions": _mse(with_shuffled, truth), "copy_last_mse": copy,
+            **controlled,
             **{f"denoising_error_{k}": _denoising_error(model, test_latents[:, :c + p], acts, c)
                for k, acts in (("true_actions", actions), ("shuffled_actions", shuffled))},
             "videos": n}
@@ -307,8 +352,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     test_latents = np.stack([space.encode(c.frames) for c in test_clips]).astype(np.float32)
     report = {"recipe": cfg.recipe, "steps": result.step,
               "final_loss": result.metrics.get("loss"),
-              **evaluate(cfg, model, space, test_latents, test_extra,
-                         [c.frames for c in test_clips])}
+              **evaluate(cfg, model, space, test_latents, test_extra, test_clips)}
     report["seconds"] = time.perf_counter() - t0
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)

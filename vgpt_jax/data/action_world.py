@@ -1,11 +1,18 @@
-"""The physics world with a controlled push: an action per frame acts on ball 0.
+"""The physics world with a controlled ball: an action per frame kicks ball 0.
 
-Frame f (f >= 1) is the state one frame after the push `actions[f]` (a velocity change, world
-units / s) was applied to ball 0 at frame f - 1; `actions[0]` is zero. Each frame a push
-happens with probability `push_prob`, in a uniform direction with speed `push_speed`; the rest
-of the world is `physics_world`'s balls scenario (gravity, elastic walls and collisions), so
-the push is the one thing a model cannot predict from the past: action-conditioned prediction
-must read it.
+Frame f (f >= 1) is the state one frame after the kick `actions[f]` was given to ball 0 at
+frame f - 1: a nonzero action replaces the ball's velocity (world units / s), a zero one leaves
+it to the physics; `actions[0]` is zero. Each frame a kick happens with probability
+`push_prob`, in a uniform direction with speed `push_speed`; the rest of the world is
+`physics_world`'s balls scenario (gravity, elastic walls and collisions), so the kick is the
+one thing a model cannot predict from the past: action-conditioned prediction must read it.
+
+Why a kick sets the velocity instead of adding to it: added kicks make a random walk of the
+velocity, and within 16 frames the ball outran the frame. Why ball 0 is always red (hue 0,
+the others evenly spread after it): with every ball in a random hue, which ball an action
+moves could only be told from earlier kicks. Red is one of the main job's colours, so a model
+fine-tuned from its export reads the controlled ball; a white one, never seen there, sat far
+outside the main job's latent normalisation and was never drawn.
 """
 from __future__ import annotations
 
@@ -35,12 +42,13 @@ def draw_actions(rng: np.random.Generator, num_frames: int, push_speed: float,
 
 
 def simulate_pushes(positions, velocities, radii, actions_BT2, config: pw.WorldConfig):
-    """Balls [B, n, 2] under per-frame pushes on ball 0 -> positions, velocities [B, T, n, 2]."""
+    """Balls [B, n, 2] under per-frame kicks of ball 0 -> positions, velocities [B, T, n, 2]."""
     pos, vel = np.array(positions, np.float64), np.array(velocities, np.float64)
     out_pos, out_vel = [pos], [vel]
     for f in range(1, actions_BT2.shape[1]):
         vel = vel.copy()
-        vel[:, 0] += actions_BT2[:, f]
+        kicked = np.any(actions_BT2[:, f] != 0, axis=-1)
+        vel[:, 0] = np.where(kicked[:, None], actions_BT2[:, f], vel[:, 0])
         p, v = pw.simulate_balls(pos, vel, radii, 2, config)
         pos, vel = p[:, 1], v[:, 1]
         out_pos.append(pos)
@@ -51,7 +59,7 @@ def simulate_pushes(positions, velocities, radii, actions_BT2, config: pw.WorldC
 def make_dataset(num_videos: int, num_frames: int, size: int, seed: int = 0,
                  split: str = "train", config: pw.WorldConfig | None = None,
                  push_speed: float = 1.0, push_prob: float = 0.5) -> list[PushClip]:
-    """`num_videos` pushed-ball videos `[num_frames, size, size, 3]` uint8 with their actions;
+    """`num_videos` kicked-ball videos `[num_frames, size, size, 3]` uint8 with their actions;
     deterministic in the arguments (per-video seeds as `physics_world.video_seed`)."""
     config = dataclasses.replace(config or pw.WorldConfig(), size=size, scenarios=("balls",))
     groups: dict[int, list] = {}
@@ -59,7 +67,7 @@ def make_dataset(num_videos: int, num_frames: int, size: int, seed: int = 0,
         s = pw.video_seed(seed, split, index)
         rng = np.random.default_rng(s)
         positions, velocities, radii = pw.sample_balls(rng, config)
-        colors = pw.palette(rng, len(radii))
+        colors = pw.palette(rng, len(radii), first_hue=0.0)
         actions = draw_actions(rng, num_frames, push_speed, push_prob)
         groups.setdefault(len(radii), []).append((index, s, positions, velocities, radii, colors,
                                                   actions))

@@ -225,9 +225,11 @@ def _sample_pendulum(rng: np.random.Generator, config: WorldConfig):
 
 # ----------------------------------------------------------------------------- rendering
 
-def palette(rng: np.random.Generator, n: int) -> np.ndarray:
-    """`n` distinct body colours [n, 3], bright (70..255 per channel)."""
-    hues = (rng.uniform() + np.arange(n) / max(n, 1)) % 1.0  # evenly spread: bodies stay distinguishable
+def palette(rng: np.random.Generator, n: int, first_hue: float | None = None) -> np.ndarray:
+    """`n` distinct body colours [n, 3], bright (70..255 per channel): hues evenly spread from
+    `first_hue` in [0, 1) (0: red; None: a random start)."""
+    start = rng.uniform() if first_hue is None else first_hue
+    hues = (start + np.arange(n) / max(n, 1)) % 1.0  # evenly spread: bodies stay distinguishable
     rgb = np.clip(np.abs((hues[:, None] * 6 + np.array([0.0, 4.0, 2.0])) % 6 - 3) - 1, 0, 1)  # HSV, S=V=1
     return 70 + 185 * rgb  # bright, saturated colours, clear of the dark background
 
