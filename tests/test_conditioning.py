@@ -41,6 +41,13 @@ def token_gated(**changes) -> ModelConfig:
                                                                    token_gate=True))
 
 
+def head_modulated(**changes) -> ModelConfig:
+    """A class and actions that also modulate the output head (`conditions.head_modulation`)."""
+    cfg = model_config(True, **changes)
+    return dataclasses.replace(cfg, conditions=dataclasses.replace(cfg.conditions,
+                                                                   head_modulation=True))
+
+
 def random_state(model_cfg: ModelConfig, seed: int):
     graphdef, state = nnx.split(checkpoint.abstract_model(model_cfg))
     rng = np.random.default_rng(seed)
@@ -49,11 +56,11 @@ def random_state(model_cfg: ModelConfig, seed: int):
 
 
 def pair(gate: float = 0.5, conditioned: ModelConfig | None = None, gate_proj: float = 1.0,
-         **changes):
+         head_out: float = 1.0, **changes):
     """(base model, conditioned model): the same base parameters, random condition paths, the
-    condition gates set to `gate` (and a token gate's random W_g scaled by `gate_proj`: 0 is
-    its initialisation). `conditioned`: the conditioned model's config (default: a class and
-    actions)."""
+    condition gates set to `gate` (and a token gate's random W_g scaled by `gate_proj`, a head
+    modulation's output layer by `head_out`: 0 is their initialisation). `conditioned`: the
+    conditioned model's config (default: a class and actions)."""
     graphdef, base_state = random_state(model_config(False, **changes), 0)
     cgraph, cstate = random_state(conditioned or model_config(True, **changes), 1)
     params = cstate.to_pure_dict()
@@ -62,6 +69,8 @@ def pair(gate: float = 0.5, conditioned: ModelConfig | None = None, gate_proj: f
     params["decoder"]["condition_gate"] = jnp.full_like(params["decoder"]["condition_gate"], gate)
     if "condition_gate_proj" in params["decoder"]:
         params["decoder"]["condition_gate_proj"] *= gate_proj
+    if "head_out" in params["condition_embed"]:
+        params["condition_embed"]["head_out"] *= head_out
     cstate.replace_by_pure_dict(params)
     return nnx.merge(graphdef, base_state), nnx.merge(cgraph, cstate)
 
@@ -69,6 +78,12 @@ def pair(gate: float = 0.5, conditioned: ModelConfig | None = None, gate_proj: f
 @pytest.fixture(scope="module")
 def models():
     return pair()
+
+
+@pytest.fixture(scope="module")
+def modulated_models():
+    """Both paths: the condition attention and the head modulation."""
+    return pair(conditioned=head_modulated())
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +160,7 @@ def test_a_query_that_sees_no_condition_gets_exactly_zero():
 # ----------------------------------------------------------------------------- influence
 
 
-@pytest.mark.parametrize("which", ["models", "token_gated_models"])
+@pytest.mark.parametrize("which", ["models", "token_gated_models", "modulated_models"])
 def test_a_class_changes_every_frame_and_an_action_only_frames_from_its_own_on(which, request):
     _, cond = request.getfixturevalue(which)
     b = batch(clip_ids=[[0, 1, 2, 3], [0, 0, 1, 1]])
@@ -162,12 +177,28 @@ def test_a_class_changes_every_frame_and_an_action_only_frames_from_its_own_on(w
         assert changed[1].tolist() == [g >= first_of_clip for g in range(F)], f
 
 
+def test_the_head_modulation_alone_moves_exactly_the_actions_own_frame():
+    """Condition attention off (gates 0): a class modulates every frame's head, frame f's
+    action frame f's alone, also inside a two-frame clip."""
+    _, cond = pair(gate=0.0, conditioned=head_modulated())
+    b = batch(clip_ids=[[0, 1, 2, 3], [0, 0, 1, 1]])
+    ref = per_frame_error(cond, b)
+    assert (np.abs(per_frame_error(cond, {**b, "class_id": (b["class_id"] + 1) % CLASSES})
+                   - ref) > 0).all()
+    for f in range(F):
+        changed = np.abs(per_frame_error(cond, {**b, "actions": b["actions"].at[:, f].add(1.0)})
+                         - ref) > 0
+        assert changed.tolist() == [[g == f for g in range(F)]] * 2, f
+
+
 # ----------------------------------------------------------------------------- exactness
 
 
-@pytest.mark.parametrize("token_gate", [False, True])
-def test_zero_gates_give_exactly_the_unconditioned_model(token_gate):
-    base, cond = pair(gate=0.0, conditioned=token_gated() if token_gate else None, gate_proj=0.0)
+@pytest.mark.parametrize("variant", ["per_head", "token_gate", "head_modulation"])
+def test_zero_gates_give_exactly_the_unconditioned_model(variant):
+    conditioned = {"per_head": None, "token_gate": token_gated(),
+                   "head_modulation": head_modulated()}[variant]
+    base, cond = pair(gate=0.0, conditioned=conditioned, gate_proj=0.0, head_out=0.0)
     b = batch()
     np.testing.assert_array_equal(per_frame_error(cond, b), per_frame_error(base, unconditioned(b)))
     np.testing.assert_array_equal(per_frame_error(cond, unconditioned(b)),
@@ -183,9 +214,10 @@ def test_a_zero_token_gate_gives_exactly_the_per_head_gates(models):
     np.testing.assert_array_equal(per_frame_error(gated, b), per_frame_error(per_head, b))
 
 
-def test_dropped_conditions_give_exactly_the_unconditioned_model(models):
+@pytest.mark.parametrize("which", ["models", "modulated_models"])
+def test_dropped_conditions_give_exactly_the_unconditioned_model(which, request):
     """Training with dropout 1 (every video's conditions dropped) is the unconditioned loss."""
-    base, cond = models
+    base, cond = request.getfixturevalue(which)
     b = batch()
     key = jax.random.key(3)
     always_drop = dataclasses.replace(cond.cfg, conditions=dataclasses.replace(
@@ -219,12 +251,14 @@ def _stream_each_call_and_once(L_, model, history, noisy, t, cond):
     return outputs(cond), outputs(model.condition_kv(cond, L_))
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_condition_kv_computed_once_equals_the_stream_at_every_call(scan_layers):
+@pytest.mark.parametrize("scan_layers,modulated", [(True, False), (False, False), (True, True)])
+def test_condition_kv_computed_once_equals_the_stream_at_every_call(scan_layers, modulated):
     """Condition tokens see only condition tokens, so their keys/values computed alone
-    (`condition_kv`: the sampler's once per clip) give every entry point the outputs of the
-    stream run beside the frame tokens (the recompute of every Euler step)."""
-    _, model = pair(scan_layers=scan_layers)
+    (`condition_kv`: the sampler's once per clip, with the head embeddings) give every entry
+    point the outputs of the stream run beside the frame tokens (the recompute of every Euler
+    step)."""
+    _, model = pair(scan_layers=scan_layers,
+                    conditioned=head_modulated(scan_layers=scan_layers) if modulated else None)
     rng = np.random.default_rng(4)
     b, hist, n = 2, 2, 2
     frames = np.broadcast_to(np.arange(hist + n), (b, hist + n))
@@ -258,7 +292,7 @@ def test_backends_agree_with_conditions(impl):
 CONTEXT, CLIPS, WINDOW = 1, (2, 2), 4  # history 1 -> 3, then a window reset to the newest 2
 
 
-@pytest.mark.parametrize("which", ["models", "token_gated_models"])
+@pytest.mark.parametrize("which", ["models", "token_gated_models", "modulated_models"])
 def test_cached_sampling_equals_recomputation_with_conditions(which, request):
     """Both guidances (three branches: the history rows and the no-conditions rows encoded
     apart), a class and per-frame actions, across a window reset."""

@@ -56,11 +56,22 @@ class Conditions:
 
 class ConditionKV(NamedTuple):
     """A condition stream's per-layer keys and values (after RoPE) `k`, `v` [layers, B, C, KV,
-    D] and its `layout` [B, C]: all that frame tokens read of the conditions
-    (`DecoderStack.condition_kv`); an entry point given it runs no condition stream."""
+    D], its `layout` [B, C] and (`head_modulation`) each token's head embedding `head` [B, C,
+    D]: all that frame tokens read of the conditions (`VideoGPT.condition_kv`); an entry point
+    given it runs no condition stream."""
     k: jax.Array
     v: jax.Array
     layout: layout_lib.ConditionLayout
+    head: jax.Array | None = None
+
+
+def block_modulation(head_BCD, layout: layout_lib.ConditionLayout, frame_BN) -> jax.Array:
+    """Each block's sum of the head embeddings of its conditions [B, NB, D]: every valid global
+    token's, and the valid per-frame tokens' of the block's frame `frame_BN`."""
+    own = (layout.frame[:, None, :] == frame_BN[:, :, None]) | (
+        layout.frame[:, None, :] == layout_lib.GLOBAL_FRAME)
+    weight = (own & layout.valid[:, None, :]).astype(head_BCD.dtype)
+    return jnp.einsum("bnc,bcd->bnd", weight, head_BCD)
 
 
 def make_conditions(cfg: ModelConfig, frame_BF, position_BF, block_len: int, *, class_id=None,
@@ -151,6 +162,11 @@ class ConditionEmbed(nnx.Module):
             self.text_type = param((d,), ("embed",))
         else:
             self.text_kernel = self.text_type = None
+        if cc.head_modulation:  # token -> SiLU(token W1) W2, W2 zero: the base head at init
+            self.head_in = param((d, d), ("embed", "mlp"), nnx.initializers.lecun_normal())
+            self.head_out = param((d, d), ("mlp", "embed"), nnx.initializers.zeros)
+        else:
+            self.head_in = self.head_out = None
 
     def __call__(self, cond: Conditions, dtype) -> jax.Array:
         tokens = []
@@ -163,6 +179,12 @@ class ConditionEmbed(nnx.Module):
             a = cond.actions.astype(dtype) @ self.action_kernel[...].astype(dtype)
             tokens.append(a + self.action_type[...].astype(dtype))
         return jnp.concatenate(tokens, axis=1)
+
+    def head(self, tokens_BCD) -> jax.Array:
+        """Each condition token's embedding for the output head's modulation [B, C, D]."""
+        dtype = tokens_BCD.dtype
+        hidden = jax.nn.silu(tokens_BCD @ self.head_in[...].astype(dtype))
+        return hidden @ self.head_out[...].astype(dtype)
 
 
 def batch_conditions(cfg: ModelConfig, batch: dict, block_len: int, drop_rng=None,

@@ -65,6 +65,14 @@ class ConditionConfig:
     # takes in can depend on where it is and what it shows (a push on one ball reaches that
     # ball's tokens); False: one gate per layer and head for every token.
     token_gate: bool = False
+    # True: DiT's adaLN conditioning as well. Each condition token's embedding, through a small
+    # MLP whose output layer starts at zero, is added to the time embedding that scales and
+    # shifts the output head's features: a global condition's in every frame, an action's in
+    # its own frame. The condition attention adds one vector to every token of a frame; a
+    # scale per feature lets the condition select what each token shows (a kick moves the
+    # kicked ball's tokens, not the others'). Off by default: at the recipes' CPU budgets it
+    # helped neither class-to-video nor the kicked world (docs/conditioning.md).
+    head_modulation: bool = False
 
     @property
     def enabled(self) -> bool:

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from vgpt_jax import layout as layout_lib
-from vgpt_jax.conditioning import ConditionEmbed, ConditionKV, Conditions
+from vgpt_jax.conditioning import ConditionEmbed, ConditionKV, Conditions, block_modulation
 from vgpt_jax.config import ModelConfig, dtype_of
 from vgpt_jax.model.decoder import DecoderStack, LayerKV, project
 
@@ -201,19 +201,38 @@ class VideoGPT(nnx.Module):
 
     def condition_kv(self, conditions: Conditions, block_len: int) -> ConditionKV:
         """The condition stream's per-layer keys/values for blocks of `block_len` tokens
-        (`DecoderStack.condition_kv`): given as `conditions` to any entry point instead of
-        `conditions` themselves, the same outputs with no condition stream run."""
-        return self.decoder.condition_kv(self.condition_tokens(conditions), block_len)
+        (`DecoderStack.condition_kv`) and the head embeddings: given as `conditions` to any
+        entry point instead of `conditions` themselves, the same outputs with no condition
+        stream run."""
+        tokens = self.condition_tokens(conditions)
+        modulation = self._condition_head(tokens)
+        kv = self.decoder.condition_kv(tokens, block_len)
+        return kv if modulation is None else kv._replace(head=modulation[0])
 
-    def head(self, hidden_BTD, t_BN, layout, latent_hw, blocks=None):
-        """Decode noisy image tokens to x1 predictions [B, NB', h, w, C] for `blocks` (static)."""
+    def _condition_head(self, tokens):
+        """(head embeddings [B, C, D], their layout) of condition_tokens' output, or None."""
+        if tokens is None or not self.cfg.conditions.head_modulation:
+            return None
+        if isinstance(tokens, ConditionKV):
+            return tokens.head, tokens.layout
+        return self.condition_embed.head(tokens[0]), tokens[1]
+
+    def head(self, hidden_BTD, t_BN, layout, latent_hw, blocks=None, conditions=None):
+        """Decode noisy image tokens to x1 predictions [B, NB', h, w, C] for `blocks` (static);
+        `conditions` (condition_tokens' output) modulate it with `head_modulation`."""
         cfg = self.cfg
         b = hidden_BTD.shape[0]
         L, p, c = layout.block_len, cfg.patch_size, cfg.latent_channels
         hidden = hidden_BTD.reshape(b, -1, L, cfg.hidden_size)
+        frame_BN = layout.frame
         if blocks is not None:
-            hidden, t_BN = hidden[:, blocks], t_BN[:, blocks]
+            hidden, t_BN, frame_BN = hidden[:, blocks], t_BN[:, blocks], frame_BN[:, blocks]
         t_emb = self.t_embedder(t_BN, hidden.dtype)
+        modulation = self._condition_head(conditions)
+        if modulation is not None:
+            head_BCD, condition_layout = modulation
+            t_emb = t_emb + block_modulation(head_BCD.astype(t_emb.dtype), condition_layout,
+                                             frame_BN)
         out = self.final_layer(hidden[:, :, layout_lib.NOISY_IMAGE_START:], t_emb)
         h, w = latent_hw
         n = out.shape[1]
@@ -231,9 +250,10 @@ class VideoGPT(nnx.Module):
         """
         self.check_inputs(latents_BNhwc, t_BN, layout)
         x = self.embed(latents_BNhwc, t_BN, layout)
+        tokens = self.condition_tokens(conditions)
         hidden = self.decoder(x, layout_lib.token_positions(layout), layout_lib.token_meta(layout),
-                              layout.block_len, conditions=self.condition_tokens(conditions))
-        return self.head(hidden, t_BN, layout, latents_BNhwc.shape[2:4], output_blocks)
+                              layout.block_len, conditions=tokens)
+        return self.head(hidden, t_BN, layout, latents_BNhwc.shape[2:4], output_blocks, tokens)
 
     def build_cache(self, clean_latents_BNhwc, layout: layout_lib.Layout,
                     conditions: Conditions | None = None) -> KVCache:
@@ -266,7 +286,8 @@ class VideoGPT(nnx.Module):
         """x1 prediction for noisy blocks that attend to a cached history: [B, NB, h, w, C]."""
         self.check_inputs(noisy_latents_BNhwc, t_BN, layout)
         x = self.embed(noisy_latents_BNhwc, t_BN, layout)
+        tokens = self.condition_tokens(conditions)
         hidden = self.decoder(x, layout_lib.token_positions(layout), layout_lib.token_meta(layout),
                               layout.block_len, cache=cache.kv, cache_meta=cache.meta,
-                              conditions=self.condition_tokens(conditions))
-        return self.head(hidden, t_BN, layout, noisy_latents_BNhwc.shape[2:4])
+                              conditions=tokens)
+        return self.head(hidden, t_BN, layout, noisy_latents_BNhwc.shape[2:4], conditions=tokens)
