@@ -222,14 +222,8 @@ def evaluate(cfg, model, space, test_latents, extras, test_clips) -> dict:
         classes = int(cfg.model.conditions.num_classes)
         per = int(e.samples_per_class)
         wanted = np.repeat(np.arange(classes), per)
-        hw = test_latents.shape[2:4]
-        frames = int(e.predict_frames)
-        background = WorldConfig().background
-
-        def counts(class_id):
-            out = sampling.sample_video(model, (frames,), sampler, list(range(len(wanted))),
-                                        latent_hw=hw, class_id=class_id)
-            return count_balls(np.stack([space.decode(v[:1])[0] for v in out]), background)
+        counts = lambda class_id: balls_in_samples(cfg, model, sampler, space, test_latents,
+                                                   len(wanted), class_id=class_id)
 
         def confusion(counted):  # rows: the class asked for; columns: 0..classes+1 balls read
             return [np.bincount(np.minimum(counted[wanted == k], classes + 1),
@@ -240,7 +234,8 @@ def evaluate(cfg, model, space, test_latents, extras, test_clips) -> dict:
 
         conditioned, unconditioned = counts(wanted), counts(None)
         truth = np.asarray([x["class_id"] for x in extras])
-        counted = count_balls(np.stack([clip.frames[0] for clip in test_clips]), background)
+        counted = count_balls(np.stack([clip.frames[0] for clip in test_clips]),
+                              WorldConfig().background)
         return {"class_accuracy": float(np.mean(conditioned == wanted + 1)),
                 "unconditional_accuracy": float(np.mean(unconditioned == wanted + 1)),
                 "chance": 1.0 / classes, "counter_accuracy_on_true_videos":
@@ -277,23 +272,29 @@ def evaluate(cfg, model, space, test_latents, extras, test_clips) -> dict:
             "videos": n}
 
 
+def balls_in_samples(cfg, model, sampler, space, test_latents, n: int, **conditions):
+    """`n` videos of `eval.predict_frames` frames sampled from nothing (seeds 0..n-1) under
+    `conditions`; the balls read off each one's decoded first frame [n]."""
+    from vgpt_jax import sampling
+    from vgpt_jax.data.physics_world import WorldConfig
+    out = sampling.sample_video(model, (int(cfg.eval.predict_frames),), sampler, list(range(n)),
+                                latent_hw=test_latents.shape[2:4], **conditions)
+    return count_balls(np.stack([space.decode(v[:1])[0] for v in out]), WorldConfig().background)
+
+
 def _text_to_video(cfg, model, sampler, space, test_latents, extras) -> dict:
     """Videos from nothing for the held-out captions; ball count accuracy against each
     caption's count, with the text and unconditionally."""
-    from vgpt_jax import sampling, text_encoder
-    from vgpt_jax.data.physics_world import WorldConfig
+    from vgpt_jax import text_encoder
     cc = cfg.model.conditions
     text, mask = map(np.stack, zip(*(text_encoder.pad(text_encoder.unpack(x["text"]),
                                                       int(cc.text_tokens)) for x in extras)))
     wanted = np.asarray([caption_count(x["caption"]) for x in extras])
-    seeds = list(range(len(extras)))
-    background = WorldConfig().background
 
     def accuracy(**conditions):
-        out = sampling.sample_video(model, (int(cfg.eval.predict_frames),), sampler,
-                                    seeds, latent_hw=test_latents.shape[2:4], **conditions)
-        first = np.stack([space.decode(v[:1])[0] for v in out])
-        return float(np.mean(count_balls(first, background) == wanted))
+        counted = balls_in_samples(cfg, model, sampler, space, test_latents, len(extras),
+                                   **conditions)
+        return float(np.mean(counted == wanted))
 
     return {"count_accuracy": accuracy(text=text, text_mask=mask),
             "unconditional_count_accuracy": accuracy(),
