@@ -22,9 +22,10 @@ export instead, e.g. the demo's `runs/demo/model`), and measures what its condit
 - action_prediction: held-out kicked videos (`data.action_world`) continued frame by frame
   from `context_frames` frames, given their true actions or another video's (shuffled); latent
   MSE of each and of copying the last frame, ball 0's position error on the decoded frames
-  (`ball_errors`), and the one-step x1 error at t = 0.5 of each predicted frame (one frame per
-  clip, the same noise draws for both). A model that uses its actions is better with the true
-  ones;
+  (`ball_errors`), and the one-step x1 error at t = 0.05 of each predicted frame (one frame
+  per clip, the same noise draws for both; nearly pure noise, so the frame must come from the
+  history and the action: at t = 0.5 the noisy frame itself shows where the ball went). A
+  model that uses its actions is better with the true ones;
 - atari_actions: action_prediction's measurements on Atari episodes (`data.atari`, the `atari`
   extra: ale-py and its ROMs; a random policy, the one-hot action before each frame);
 - image_animation: one frame in, `predict_frames` out (clip mode "first_frame": the first
@@ -301,7 +302,7 @@ def _text_to_video(cfg, model, sampler, space, test_latents, extras) -> dict:
             "captions": [x["caption"] for x in extras[:4]], "samples": int(len(extras))}
 
 
-def _denoising_error(model, latents_BFhwc, actions_BFA, context: int, t: float = 0.5) -> float:
+def _denoising_error(model, latents_BFhwc, actions_BFA, context: int, t: float = 0.05) -> float:
     """The x1 error of the frames after `context`, one frame per clip, each noised to level t
     (the loss at a fixed t; fixed noise draws, so true and shuffled actions see the same)."""
     import jax
