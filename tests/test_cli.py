@@ -35,3 +35,27 @@ def test_debug_shows_the_traceback(tmp_path):
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr
     assert "StoreError" in proc.stderr
+
+
+def test_a_finished_command_enters_the_distributed_shutdown_barrier(monkeypatch):
+    """Returning 0 or exiting 0 (absl's app.run, as `vgpt train` does) enters jax.distributed's
+    shutdown barrier while the backends are alive; a failed command does not."""
+    import types
+
+    import pytest
+
+    from vgpt_jax import cli
+    entered = []
+    monkeypatch.setattr(cli, "_leave_distributed_runtime", lambda: entered.append(True))
+    outcomes = {"returns": lambda rest: 0, "exits": lambda rest: sys.exit(0),
+                "fails": lambda rest: sys.exit(1), "raises": lambda rest: 1 / 0}
+    for name, main in outcomes.items():
+        monkeypatch.setitem(sys.modules, f"fake_{name}", types.SimpleNamespace(main=main))
+        monkeypatch.setitem(cli.COMMANDS, name, f"fake_{name}")
+    assert cli.main(["returns"]) == 0 and len(entered) == 1
+    with pytest.raises(SystemExit):
+        cli.main(["exits"])
+    assert len(entered) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["fails"])
+    assert cli.main(["raises"]) == 1 and len(entered) == 2

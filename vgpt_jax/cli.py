@@ -114,6 +114,10 @@ def main(argv=None) -> int:
         if code == 0:
             _leave_distributed_runtime()
         return code
+    except SystemExit as done:  # absl's app.run (vgpt train) ends every command with sys.exit
+        if done.code in (None, 0):
+            _leave_distributed_runtime()
+        raise
     except KeyboardInterrupt:
         if debug:
             raise

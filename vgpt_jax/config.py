@@ -190,6 +190,7 @@ class ModelConfig:
              "text_dim and text_tokens are given together")
         need(0.0 <= cond.dropout <= 1.0, "conditions", "dropout must lie in [0, 1]")
         need(isinstance(cond.token_gate, bool), "conditions", "token_gate must be a bool")
+        need(isinstance(cond.head_modulation, bool), "conditions", "head_modulation must be a bool")
         need(isinstance(lora.rank, int) and lora.rank >= 0, "lora", "rank must be an integer >= 0")
         need(lora.alpha > 0, "lora", "alpha must be > 0")
         need(bool(lora.targets) and set(lora.targets) <= set(LORA_TARGETS), "lora",

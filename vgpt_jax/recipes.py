@@ -76,7 +76,7 @@ def recipe_config(name: str, size: str = "default") -> ml_collections.ConfigDict
         seed=0))
     # token_gate (off, the default): see `ConditionConfig`; measured on a one-ball world it
     # only began to separate true from shuffled actions (0.75% at 600 steps).
-    cc = dict(num_classes=0, action_dim=0, dropout=0.1, token_gate=False)
+    cc = dict(num_classes=0, action_dim=0, dropout=0.1, token_gate=False, head_modulation=False)
     if name == "class_to_video":
         w.max_balls = 3
         cc["num_classes"] = 3          # class k: k + 1 balls
@@ -331,6 +331,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Simulate, ingest, train (or fine-tune), measure; writes `workdir/report.json`."""
     from vgpt_jax import checkpoint, train
     from vgpt_jax.data.ingest import ingest_arrays
+    from vgpt_jax.data.store import LatentStore
     from vgpt_jax.vae.latent_space import make_latent_space, with_normalization
 
     t0 = time.perf_counter()
@@ -340,16 +341,21 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     test_clips, test_extra = _world(cfg, "test", int(cfg.world.num_test_videos), encoder)
     space = make_latent_space(cfg.latent_space.to_dict())
     store_dir = os.path.join(workdir, "latents")
-    if not os.path.exists(os.path.join(store_dir, "manifest.json")):
+    # A store is reused only if it was made from this world (by this version's ingestion).
+    made_from = {"recipe_world": json.loads(json.dumps(cfg.world.to_dict(), default=list)),
+                 "recipe_store_version": 2}
+    manifest = os.path.join(store_dir, "manifest.json")
+    if not os.path.exists(manifest) or any(
+            LatentStore(store_dir).manifest.get("settings", {}).get(k) != v
+            for k, v in made_from.items()):
         ingest_arrays(((c.frames, c.fps, c.name, x) for c, x in zip(train_clips, train_extra)),
                       store_dir, latent_space=space, num_shards=1, overwrite=True,
-                      normalize=_ingest_normalization(cfg))
+                      normalize=_ingest_normalization(cfg), settings=made_from)
     cfg.data.store = store_dir
     train_dir = os.path.join(workdir, "train")
     result = train.train(cfg, train_dir)
     model, _ = checkpoint.load_model(train_dir)
     checkpoint.export_model(os.path.join(workdir, "model"), model, cfg)
-    from vgpt_jax.data.store import LatentStore
     space = with_normalization(space, LatentStore(store_dir).normalization)
     test_latents = np.stack([space.encode(c.frames) for c in test_clips]).astype(np.float32)
     report = {"recipe": cfg.recipe, "steps": result.step,

@@ -27,14 +27,14 @@ ACTION_DIM = 2
 
 @dataclasses.dataclass
 class PushClip:
-    """One rendered simulation and its actions [T, 2] (frame f's push, applied before it)."""
+    """One rendered simulation and its actions [T, 2] (frame f's kick, given before it)."""
     clip: pw.PhysicsClip
     actions: np.ndarray
 
 
 def draw_actions(rng: np.random.Generator, num_frames: int, push_speed: float,
                  push_prob: float) -> np.ndarray:
-    """[T, 2] pushes: zero at frame 0, else speed `push_speed` with probability `push_prob`."""
+    """[T, 2] kicks: zero at frame 0, else speed `push_speed` with probability `push_prob`."""
     angle = rng.uniform(0, 2 * np.pi, num_frames)
     on = rng.uniform(size=num_frames) < push_prob
     on[0] = False
