@@ -11,8 +11,7 @@ Why a kick sets the velocity instead of adding to it: added kicks make a random 
 velocity, and within 16 frames the ball outran the frame. Why ball 0 is always red (hue 0,
 the others evenly spread after it): with every ball in a random hue, which ball an action
 moves could only be told from earlier kicks. Red is one of the main job's colours, so a model
-fine-tuned from its export reads the controlled ball; a white one, never seen there, sat far
-outside the main job's latent normalisation and was never drawn.
+fine-tuned from its export has seen balls of it.
 """
 from __future__ import annotations
 
