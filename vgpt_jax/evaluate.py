@@ -49,8 +49,7 @@ def held_out_videos(test_clips, background=None) -> list[HeldOutVideo]:
     videos = []
     for name, t in sorted(takes.items()):
         truth = t[0]
-        balls = balls_lib.Balls(truth.pixel_positions(), truth.radii * truth.frames.shape[1],
-                                truth.colors, background) if truth.scenario == "balls" else None
+        balls = balls_lib.Balls.of_clip(truth, background) if truth.scenario == "balls" else None
         videos.append(HeldOutVideo(name, truth.frames, t[1].frames, truth.fps, balls))
     return videos
 

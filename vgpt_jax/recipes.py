@@ -194,14 +194,11 @@ def ball_errors(space, latents_NFhwc, clips, start: int, balls_kept: int | None 
     of `clips` (the first `balls_kept` balls, default all), averaged over the videos."""
     from vgpt_jax.data.physics_world import WorldConfig
     from vgpt_jax.eval import balls as balls_lib
-    keep = slice(None, balls_kept)
     scores = []
     for latents, clip in zip(latents_NFhwc, clips):
         frames = space.decode(np.asarray(latents))
-        truth = balls_lib.Balls(clip.pixel_positions()[start:start + len(frames), keep],
-                                (clip.radii * clip.frames.shape[1])[keep], clip.colors[keep],
-                                np.asarray(WorldConfig().background))
-        scores.append(balls_lib.score(frames, truth))
+        truth = balls_lib.Balls.of_clip(clip, WorldConfig().background).first(balls_kept)
+        scores.append(balls_lib.score(frames, truth.frames(start, start + len(frames))))
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 
 
@@ -223,8 +220,9 @@ def evaluate(cfg, model, space, test_latents, extras, test_clips) -> dict:
         classes = int(cfg.model.conditions.num_classes)
         per = int(e.samples_per_class)
         wanted = np.repeat(np.arange(classes), per)
-        counts = lambda class_id: balls_in_samples(cfg, model, sampler, space, test_latents,
-                                                   len(wanted), class_id=class_id)
+        counts = lambda class_id: balls_in_samples(cfg, model, sampler, space,
+                                                   test_latents.shape[2:4], len(wanted),
+                                                   class_id=class_id)
 
         def confusion(counted):  # rows: the class asked for; columns: 0..classes+1 balls read
             return [np.bincount(np.minimum(counted[wanted == k], classes + 1),
@@ -273,13 +271,13 @@ def evaluate(cfg, model, space, test_latents, extras, test_clips) -> dict:
             "videos": n}
 
 
-def balls_in_samples(cfg, model, sampler, space, test_latents, n: int, **conditions):
-    """`n` videos of `eval.predict_frames` frames sampled from nothing (seeds 0..n-1) under
-    `conditions`; the balls read off each one's decoded first frame [n]."""
+def balls_in_samples(cfg, model, sampler, space, latent_hw, n: int, **conditions):
+    """`n` videos of `eval.predict_frames` frames of `latent_hw` latents sampled from nothing
+    (seeds 0..n-1) under `conditions`; the balls read off each one's decoded first frame [n]."""
     from vgpt_jax import sampling
     from vgpt_jax.data.physics_world import WorldConfig
     out = sampling.sample_video(model, (int(cfg.eval.predict_frames),), sampler, list(range(n)),
-                                latent_hw=test_latents.shape[2:4], **conditions)
+                                latent_hw=latent_hw, **conditions)
     return count_balls(np.stack([space.decode(v[:1])[0] for v in out]), WorldConfig().background)
 
 
@@ -293,8 +291,8 @@ def _text_to_video(cfg, model, sampler, space, test_latents, extras) -> dict:
     wanted = np.asarray([caption_count(x["caption"]) for x in extras])
 
     def accuracy(**conditions):
-        counted = balls_in_samples(cfg, model, sampler, space, test_latents, len(extras),
-                                   **conditions)
+        counted = balls_in_samples(cfg, model, sampler, space, test_latents.shape[2:4],
+                                   len(extras), **conditions)
         return float(np.mean(counted == wanted))
 
     return {"count_accuracy": accuracy(text=text, text_mask=mask),
@@ -331,7 +329,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Simulate, ingest, train (or fine-tune), measure; writes `workdir/report.json`."""
     from vgpt_jax import checkpoint, train
     from vgpt_jax.data.ingest import ingest_arrays
-    from vgpt_jax.data.store import LatentStore
+    from vgpt_jax.data.store import LatentStore, atomic_write
     from vgpt_jax.vae.latent_space import make_latent_space, with_normalization
 
     t0 = time.perf_counter()
@@ -362,7 +360,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
               "final_loss": result.metrics.get("loss"),
               **evaluate(cfg, model, space, test_latents, test_extra, test_clips)}
     report["seconds"] = time.perf_counter() - t0
-    with open(os.path.join(workdir, "report.json"), "w") as f:
+    with atomic_write(os.path.join(workdir, "report.json")) as f:
         json.dump(report, f, indent=2)
     return report
 

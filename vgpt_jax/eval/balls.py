@@ -42,6 +42,18 @@ class Balls:
     def frames(self, start: int, stop: int) -> "Balls":
         return dataclasses.replace(self, centers_Tn2=self.centers_Tn2[start:stop])
 
+    @classmethod
+    def of_clip(cls, clip, background) -> "Balls":
+        """The balls of a physics-world clip (`data.physics_world.PhysicsClip`), in pixels."""
+        return cls(clip.pixel_positions(), clip.radii * clip.frames.shape[1], clip.colors,
+                   np.asarray(background))
+
+    def first(self, n: int | None) -> "Balls":
+        """Only the first `n` balls (None: all)."""
+        keep = slice(None, n)
+        return dataclasses.replace(self, centers_Tn2=self.centers_Tn2[:, keep],
+                                   radii_n=self.radii_n[keep], colors_n3=self.colors_n3[keep])
+
 
 def detect(frame_HW3: np.ndarray, colors_n3: np.ndarray, background: np.ndarray, *,
            color_tolerance: float = 80.0, min_pixels: int = 3) -> np.ndarray:
