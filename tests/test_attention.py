@@ -31,6 +31,23 @@ def test_blockwise_equals_dense(seed, bq, bk):
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_tile_table_classes_agree_with_the_dense_mask(seed):
+    """SKIP: no visible pair in the tile (over the batch); FULL: every pair visible; PARTIAL:
+    the rest. The training layout's clean keys of earlier frames make FULL tiles."""
+    q, k, v, meta, L = random_problem(seed)
+    tq = tk = 1
+    qa, ka, va, qm, km, *_ = attention._arranged(q, k, v, meta, meta, L, tq, tk)
+    table = np.asarray(attention._tile_table(qm, km, L, tq, tk))
+    mask = np.asarray(attention.dense_mask(qm, km, L))  # [B, T, S]
+    b, t, s_len = mask.shape
+    tiles = mask.reshape(b, t // (tq * L), tq * L, s_len // (tk * L), tk * L)
+    want = np.where(tiles.all((0, 2, 4)), attention.FULL,
+                    np.where(tiles.any((0, 2, 4)), attention.PARTIAL, attention.SKIP))
+    np.testing.assert_array_equal(table, want)
+    assert (table == attention.FULL).any() and (table == attention.SKIP).any()
+
+
 @pytest.mark.parametrize("seed, bq, bk", [(6, 8, 16), (7, 9, 7)])
 def test_blockwise_gradients_equal_dense(seed, bq, bk):
     q, k, v, meta, L = random_problem(seed, kv_heads=1)

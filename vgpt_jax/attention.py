@@ -119,7 +119,9 @@ def dot_product_attention(q, k, v, q_meta, kv_meta, block_len):
 # see noisy keys (a whole quadrant), clean-clean is frame-causal and noisy-noisy is confined to
 # a clip, so at 16-48 frames about a third of the tiles are visible against ~95% in the
 # interleaved training order (measured with 512-token tiles). Which tiles are visible comes from
-# a per-block table computed once per call, so a skipped tile costs a table lookup.
+# a per-block table computed once per call, so a skipped tile costs a table lookup; the table
+# also marks the tiles whose every pair is visible (clean keys of earlier frames, most of the
+# visible tiles at 48 frames), which skip the token mask and its selects.
 
 
 def _pad_to(x, axis, multiple, value):
@@ -167,8 +169,12 @@ def _arrange_meta(meta: TokenMeta, order, L, tiles_of, pad_frame) -> TokenMeta:
     return TokenMeta(*(_arrange(m, order, L, tiles_of, f) for m, f in zip(meta, fills)))
 
 
+SKIP, PARTIAL, FULL = 0, 1, 2  # a tile pair: nothing visible, some pairs, every pair
+
+
 def _tile_table(qm: TokenMeta, km: TokenMeta, L: int, tile_q: int, tile_k: int) -> jax.Array:
-    """[nq, nk] bool: does any query of q tile i (in any sample) see any key of kv tile j?
+    """[nq, nk] int32: SKIP where no query of q tile i (in any sample) sees a key of kv tile j,
+    FULL where every query sees every key (no mask to compute), else PARTIAL.
 
     `visible` reads offsets only through comparisons with 0, 1, 2 and L - 1, so one
     representative offset per class gives each block pair's visibility exactly; the table costs
@@ -183,9 +189,12 @@ def _tile_table(qm: TokenMeta, km: TokenMeta, L: int, tile_q: int, tile_k: int) 
         fields.append(jnp.broadcast_to(reps, shape))
         return TokenMeta(*(jnp.expand_dims(f, axes) for f in fields))
 
-    blocks = visible(per_offset(qm, (2, 4)), per_offset(km, (1, 3)), L).any((3, 4))
-    b, nbq, nbk = blocks.shape  # [B, NBq, NBk]
-    return blocks.reshape(b, nbq // tile_q, tile_q, nbk // tile_k, tile_k).any((0, 2, 4))
+    pairs = visible(per_offset(qm, (2, 4)), per_offset(km, (1, 3)), L)  # [B, NBq, NBk, R, R]
+    b, nbq, nbk = pairs.shape[:3]
+    tiles = lambda x: x.reshape(b, nbq // tile_q, tile_q, nbk // tile_k, tile_k, -1)
+    any_ = tiles(pairs.any((3, 4))).any((0, 2, 4, 5))
+    all_ = tiles(pairs.reshape(b, nbq, nbk, -1)).all((0, 2, 4, 5))
+    return jnp.where(all_, FULL, jnp.where(any_, PARTIAL, SKIP)).astype(jnp.int32)
 
 
 def _tiles(x, size):
@@ -220,19 +229,23 @@ def _flash_forward(q, k, v, qm, km, table, L, bq, bk):
         def step(carry, xs):
             j, k_j, v_j, km_j = xs
 
-            def update(carry):
+            def update(carry, masked: bool):
                 m, l, acc = carry
-                mask = _tile_mask(qm_i, km_j, L)
                 s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j, preferred_element_type=jnp.float32)
-                s = jnp.where(mask, s, _NEG)
+                if masked:
+                    mask = _tile_mask(qm_i, km_j, L)
+                    s = jnp.where(mask, s, _NEG)
                 m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.exp(s - m_new[..., None]) * mask
+                p = jnp.exp(s - m_new[..., None])
+                p = p * mask if masked else p
                 corr = jnp.exp(m - m_new)
                 acc = acc * corr[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p.astype(v_j.dtype),
                                                          v_j, preferred_element_type=jnp.float32)
                 return m_new, l * corr + p.sum(-1), acc
 
-            return jax.lax.cond(table[i, j], update, lambda c: c, carry), None
+            branches = (lambda c: c, functools.partial(update, masked=True),
+                        functools.partial(update, masked=False))  # SKIP, PARTIAL, FULL
+            return jax.lax.switch(table[i, j], branches, carry), None
 
         (m, l, acc), _ = jax.lax.scan(step, init, (jnp.arange(nk), kt, vt, kmt))
         safe_l = jnp.where(l > 0, l, 1.0)
@@ -291,10 +304,13 @@ def _flash_bwd(L, tile_q, tile_k, res, do):
             dk, dv, dq = carry
             i, q_i, do_i, qm_i, lse_i, delta_i = xs
 
-            def update(dk, dv):
-                mask = _tile_mask(qm_i, km_j, L)
+            def update(dk, dv, masked: bool):
                 s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j, preferred_element_type=jnp.float32)
-                p = jnp.exp(jnp.where(mask, s, _NEG) - lse_i[..., None]) * mask
+                if masked:
+                    mask = _tile_mask(qm_i, km_j, L)
+                    p = jnp.exp(jnp.where(mask, s, _NEG) - lse_i[..., None]) * mask
+                else:
+                    p = jnp.exp(s - lse_i[..., None])
                 dof = do_i.astype(jnp.float32)
                 dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p, dof)
                 ds = p * (jnp.einsum("bhqd,bhkd->bhqk", dof, vf) - delta_i[..., None])
@@ -302,7 +318,9 @@ def _flash_bwd(L, tile_q, tile_k, res, do):
                 return dk, dv, jnp.einsum("bhqk,bhkd->bhqd", ds, kf)
 
             skip = lambda dk, dv: (dk, dv, jnp.zeros(q_i.shape, jnp.float32))
-            dk, dv, dq_i = jax.lax.cond(table[i, j], update, skip, dk, dv)
+            branches = (skip, functools.partial(update, masked=True),
+                        functools.partial(update, masked=False))  # SKIP, PARTIAL, FULL
+            dk, dv, dq_i = jax.lax.switch(table[i, j], branches, dk, dv)
             # Outside the cond, so the full dq buffer is updated in place, never copied per tile.
             return (dk, dv, dq.at[i].add(dq_i)), None
 
