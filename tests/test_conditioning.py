@@ -191,6 +191,33 @@ def test_the_head_modulation_alone_moves_exactly_the_actions_own_frame():
         assert changed.tolist() == [[g == f for g in range(F)]] * 2, f
 
 
+def test_a_blocks_head_modulation_is_the_global_tokens_mean_plus_its_frames_own():
+    """Global tokens (a caption's, padding excluded) are averaged, so a caption's length does
+    not scale the modulation; per-frame tokens count for their own frame's blocks alone."""
+    g = layout_lib.GLOBAL_FRAME
+    layout = layout_lib.ConditionLayout(
+        frame=jnp.asarray([[g, g, g, 0, 1]]), valid=jnp.asarray([[True, True, False, True, True]]),
+        position=jnp.zeros((1, 5), jnp.int32))
+    head = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 3)), jnp.float32)
+    got = conditioning.block_modulation(head, layout, jnp.asarray([[0, 1, 1]]))
+    mean_global = (head[0, 0] + head[0, 1]) / 2
+    np.testing.assert_allclose(got[0], jnp.stack([mean_global + head[0, 3],
+                                                  mean_global + head[0, 4],
+                                                  mean_global + head[0, 4]]), rtol=1e-6)
+
+
+def test_a_condition_kv_without_head_embeddings_is_refused_by_a_modulated_model():
+    _, plain = pair()
+    _, modulated = pair(conditioned=head_modulated())
+    b = batch()
+    frames = jnp.broadcast_to(jnp.arange(F), (2, F))
+    conditions = conditioning.make_conditions(plain.cfg, frames, frames, L,
+                                              class_id=b["class_id"], actions=b["actions"])
+    kv = plain.condition_kv(conditions, L)
+    with pytest.raises(ValueError, match="no head embeddings"):
+        modulated._condition_head(kv)
+
+
 # ----------------------------------------------------------------------------- exactness
 
 

@@ -66,11 +66,14 @@ class ConditionKV(NamedTuple):
 
 
 def block_modulation(head_BCD, layout: layout_lib.ConditionLayout, frame_BN) -> jax.Array:
-    """Each block's sum of the head embeddings of its conditions [B, NB, D]: every valid global
-    token's, and the valid per-frame tokens' of the block's frame `frame_BN`."""
-    own = (layout.frame[:, None, :] == frame_BN[:, :, None]) | (
-        layout.frame[:, None, :] == layout_lib.GLOBAL_FRAME)
-    weight = (own & layout.valid[:, None, :]).astype(head_BCD.dtype)
+    """Each block's head modulation [B, NB, D]: the mean of the head embeddings of the valid
+    global tokens (a caption's length does not scale it; one class token gives its own), plus
+    the valid per-frame tokens' of the block's frame `frame_BN`."""
+    is_global = layout.frame == layout_lib.GLOBAL_FRAME
+    global_weight = (is_global & layout.valid).astype(head_BCD.dtype)
+    global_weight = global_weight / jnp.maximum(global_weight.sum(-1, keepdims=True), 1.0)
+    own = (layout.frame[:, None, :] == frame_BN[:, :, None]) & layout.valid[:, None, :]
+    weight = own.astype(head_BCD.dtype) + global_weight[:, None, :]
     return jnp.einsum("bnc,bcd->bnd", weight, head_BCD)
 
 

@@ -214,6 +214,9 @@ class VideoGPT(nnx.Module):
         if tokens is None or not self.cfg.conditions.head_modulation:
             return None
         if isinstance(tokens, ConditionKV):
+            if tokens.head is None:
+                raise ValueError("this ConditionKV has no head embeddings (conditions."
+                                 "head_modulation): make it with this model's condition_kv")
             return tokens.head, tokens.layout
         return self.condition_embed.head(tokens[0]), tokens[1]
 
