@@ -77,6 +77,16 @@ def block_modulation(head_BCD, layout: layout_lib.ConditionLayout, frame_BN) -> 
     return jnp.einsum("bnc,bcd->bnd", weight, head_BCD)
 
 
+class ConditionError(ValueError):
+    """A bad condition input. `condition` names it (the keyword: class_id, actions, text,
+    text_mask; or a store record's), `problem` what is wrong; the message is
+    "condition: problem"."""
+
+    def __init__(self, condition: str, problem: str):
+        super().__init__(f"{condition}: {problem}")
+        self.condition, self.problem = condition, problem
+
+
 def make_conditions(cfg: ModelConfig, frame_BF, position_BF, block_len: int, *, class_id=None,
                     actions=None, text=None, text_mask=None) -> Conditions | None:
     """The model's conditions over frames `frame_BF` (RoPE slots `position_BF`), or None when
@@ -94,23 +104,24 @@ def make_conditions(cfg: ModelConfig, frame_BF, position_BF, block_len: int, *, 
     if class_id is not None:
         class_id = jnp.asarray(class_id, jnp.int32)
         if class_id.shape != (b,):
-            raise ValueError(f"class_id: shape {class_id.shape}, expected [batch] = ({b},)")
+            raise ConditionError("class_id", f"shape {class_id.shape}, expected [batch] = "
+                                 f"({b},)")
     if text is not None:
         text = jnp.asarray(text, jnp.float32)
         if text.shape != (b, cc.text_tokens, cc.text_dim):
-            raise ValueError(f"text: shape {text.shape}, expected [batch, text_tokens, "
-                             f"text_dim] = {(b, cc.text_tokens, cc.text_dim)}")
+            raise ConditionError("text", f"shape {text.shape}, expected [batch, text_tokens, "
+                                 f"text_dim] = {(b, cc.text_tokens, cc.text_dim)}")
         mask = (jnp.ones((b, cc.text_tokens), bool) if text_mask is None
                 else jnp.asarray(text_mask, bool))
         if mask.shape != (b, cc.text_tokens):
-            raise ValueError(f"text_mask: shape {mask.shape}, expected [batch, text_tokens] = "
-                             f"{(b, cc.text_tokens)}")
+            raise ConditionError("text_mask", f"shape {mask.shape}, expected [batch, "
+                                 f"text_tokens] = {(b, cc.text_tokens)}")
         global_valid.append(mask)
     if actions is not None:
         actions = jnp.asarray(actions, jnp.float32)
         if actions.shape != (b, f, cc.action_dim):
-            raise ValueError(f"actions: shape {actions.shape}, expected [batch, frames, "
-                             f"action_dim] = {(b, f, cc.action_dim)}")
+            raise ConditionError("actions", f"shape {actions.shape}, expected [batch, frames, "
+                                 f"action_dim] = {(b, f, cc.action_dim)}")
     else:
         frame, position_BF = frame[:, :0], jnp.asarray(position_BF)[:, :0]
     global_valid = (jnp.concatenate(global_valid, axis=1) if global_valid
@@ -128,9 +139,9 @@ def check_kinds(cc, class_id, actions, text=None) -> None:
                                 ("actions", actions, cc.action_dim > 0),
                                 ("text", text, cc.text_dim > 0)):
         if needed and given is None:
-            raise ValueError(f"{name}: missing; the model is conditioned on it ({cc})")
+            raise ConditionError(name, f"missing; the model is conditioned on it ({cc})")
         if given is not None and not needed:
-            raise ValueError(f"{name}: given, but the model has no such condition ({cc})")
+            raise ConditionError(name, f"given, but the model has no such condition ({cc})")
 
 
 def check_class_ids(class_id_B, num_classes: int, what: str = "class_id") -> None:
@@ -140,8 +151,8 @@ def check_class_ids(class_id_B, num_classes: int, what: str = "class_id") -> Non
     ids = np.asarray(class_id_B)
     bad = ids[(ids < 0) | (ids >= num_classes)]
     if bad.size:
-        raise ValueError(f"{what}: class {int(bad[0])} outside [0, {num_classes}) (the model's "
-                         "conditions.num_classes)")
+        raise ConditionError(what, f"class {int(bad[0])} outside [0, {num_classes}) (the "
+                                   "model's conditions.num_classes)")
 
 
 class ConditionEmbed(nnx.Module):

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from flax import nnx
 
-from vgpt_jax import checkpoint, sampling
+from vgpt_jax import checkpoint, conditioning, sampling
 from vgpt_jax.config import ModelConfig
 from vgpt_jax.model import VideoGPT
 from vgpt_jax.vae.latent_space import LatentSpace
@@ -344,9 +344,10 @@ class Pipeline:
         for name, value in given.items():
             axes = ("videos",) * batched + CONDITION_AXES[name]
             if value.ndim != len(axes):
-                raise ValueError(f"{name}: shape {value.shape}, expected "
-                                 f"{'[' + ', '.join(axes) + ']' if axes else 'a scalar'}"
-                                 + ("" if batched else " (one video's, as the context)"))
+                raise conditioning.ConditionError(
+                    name, f"shape {value.shape}, expected "
+                    f"{'[' + ', '.join(axes) + ']' if axes else 'a scalar'}"
+                    + ("" if batched else " (one video's, as the context)"))
         if not batched:
             given = {k: v[None] for k, v in given.items()}
         sampling.check_conditions(self.model.cfg, videos, context_frames, generated, **given)

@@ -561,32 +561,36 @@ def check_conditions(model_cfg: ModelConfig, batch: int, context_frames: int, ge
     model lacks that kind (all None: an unconditioned request); errors name the input."""
     cc = model_cfg.conditions
     if text_mask is not None and text is None:
-        raise ValueError("text_mask: given without text")
+        raise conditioning.ConditionError("text_mask", "given without text")
     if class_id is None and actions is None and text is None:
         return None, None, None
     conditioning.check_kinds(cc, class_id, actions, text)
     if class_id is not None:
         class_id = np.asarray(class_id)
         if class_id.shape != (batch,) or not np.issubdtype(class_id.dtype, np.integer):
-            raise ValueError(f"class_id: shape {class_id.shape} ({class_id.dtype}), expected "
-                             f"({batch},) integers")
+            raise conditioning.ConditionError(
+                "class_id", f"shape {class_id.shape} ({class_id.dtype}), expected ({batch},) "
+                "integers")
         conditioning.check_class_ids(class_id, cc.num_classes)
         class_id = class_id.astype(np.int32)
     if actions is not None:
         actions = np.asarray(actions, np.float32)
         frames = context_frames + generated
         if actions.ndim == 3 and actions.shape[1] != frames:
-            raise ValueError(f"actions: {actions.shape[1]} frames; the context ({context_frames}) "
-                             f"and the generated frames ({generated}) need {frames}")
+            raise conditioning.ConditionError(
+                "actions", f"{actions.shape[1]} frames; the context ({context_frames}) and the "
+                f"generated frames ({generated}) need {frames}")
         if actions.shape != (batch, frames, cc.action_dim):
-            raise ValueError(f"actions: shape {actions.shape}, expected [videos, context + "
-                             f"generated frames, action_dim] = {(batch, frames, cc.action_dim)}")
+            raise conditioning.ConditionError(
+                "actions", f"shape {actions.shape}, expected [videos, context + generated "
+                f"frames, action_dim] = {(batch, frames, cc.action_dim)}")
     if text is not None:
         text = np.asarray(text, np.float32)
         mask = np.ones(text.shape[:2], bool) if text_mask is None else np.asarray(text_mask, bool)
         if text.shape != (batch, cc.text_tokens, cc.text_dim) or mask.shape != text.shape[:2]:
-            raise ValueError(f"text: shapes {text.shape} (mask {mask.shape}), expected [videos, "
-                             f"text_tokens, text_dim] = {(batch, cc.text_tokens, cc.text_dim)}")
+            raise conditioning.ConditionError(
+                "text", f"shapes {text.shape} (mask {mask.shape}), expected [videos, "
+                f"text_tokens, text_dim] = {(batch, cc.text_tokens, cc.text_dim)}")
         text = (text, mask)
     return class_id, actions, text
 

@@ -157,15 +157,8 @@ def conditions_of(args, pipe) -> dict:
     return conditions
 
 
-FLAGS = {"class_id": "--class", "actions": "--actions", "text": "--caption",
+CONDITION_FLAGS = {"class_id": "--class", "actions": "--actions", "text": "--caption",
          "text_mask": "--caption"}
-
-
-def in_flags(error: ValueError) -> ValueError:
-    """A condition keyword's error ("class_id: ...") as the flag's ("--class: ..."); any
-    other error as it is."""
-    name, colon, rest = str(error).partition(":")
-    return ValueError(f"{FLAGS[name]}:{rest}") if colon and name in FLAGS else error
 
 
 def trained_frame_size(pipe) -> tuple[int, int] | None:
@@ -181,6 +174,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
 
+    from vgpt_jax.conditioning import ConditionError
     from vgpt_jax.data import video_io
     from vgpt_jax.pipeline import Pipeline, split_frames
 
@@ -226,11 +220,10 @@ def main(argv=None) -> int:
                 same_noise_every_clip=args.same_noise_every_clip,
                 condition_guidance=args.condition_guidance, reencode=args.reencode,
                 callback=lambda k, n, clip: bar.update(1), **conditions).frames
-        except ValueError as e:  # the flag, not the keyword, in the message
-            flagged = in_flags(e)
-            if flagged is e:
+        except ConditionError as e:  # the flag, not the keyword, in the message
+            if e.condition not in CONDITION_FLAGS:
                 raise
-            raise flagged from None
+            raise ValueError(f"{CONDITION_FLAGS[e.condition]}: {e.problem}") from None
     video_io.write_video(args.output, predicted, fps)
     print(f"wrote {len(predicted)} predicted frames to {args.output}")
     if len(truth):
