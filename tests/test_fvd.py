@@ -63,6 +63,23 @@ def test_frechet_distance_gaussian_closed_form():
     assert fvd.frechet_distance(a, b) == pytest.approx(6.0, rel=0.05)
 
 
+def test_class_fvd_puts_each_class_against_its_own_real_videos():
+    """Entry [k, j]: the samples asked for class j against the real videos of class k. Samples
+    asked for class j are drawn from real class (j + 1) % 3, so each row's minimum sits off
+    the diagonal, where the closed form puts it."""
+    rng = np.random.default_rng(0)
+    means = np.asarray([0.0, 3.0, 7.0])
+    real_classes = np.repeat(np.arange(3), 2000)
+    real = rng.normal(means[real_classes, None], 1.0, (6000, 2))
+    asked = np.repeat(np.arange(3), 2000)
+    samples = rng.normal(means[(asked + 1) % 3, None], 1.0, (6000, 2))
+    got = fvd.class_fvd(samples, asked, real, real_classes)
+    expected = 2 * (means[:, None] - means[(np.arange(3) + 1) % 3][None]) ** 2
+    np.testing.assert_allclose(got, expected, rtol=0.02, atol=0.05)
+    with pytest.raises(ValueError, match="5 samples with 6 classes"):
+        fvd.class_fvd(samples[:5], asked[:6], real, real_classes)
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match=r"\(2, 5, 8, 8, 3\)"):
         fvd.i3d_features(np.zeros((2, 5, 8, 8, 3), np.uint8), num_frames=None)

@@ -1,5 +1,5 @@
 """The recipes end to end at their quick size (simulate, ingest with conditions, train,
-measure), the pushed world's actions, and the ball counter that scores class-to-video."""
+measure), the kicked world's actions, and the ball counter that scores class-to-video."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,22 +10,22 @@ from vgpt_jax.data import action_world
 from vgpt_jax.data import physics_world as pw
 
 
-def test_pushes_are_the_only_difference_from_the_free_world():
+def test_kicks_are_the_only_difference_from_the_free_world():
     config = pw.WorldConfig(size=32, scenarios=("balls",), max_balls=2)
     rng = np.random.default_rng(0)
     pos, vel, radii = pw.sample_balls(rng, config)
     none = np.zeros((1, 6, 2))
     free = pw.simulate_balls(pos[None], vel[None], radii[None], 6, config)[0]
-    np.testing.assert_allclose(action_world.simulate_pushes(pos[None], vel[None], radii[None],
+    np.testing.assert_allclose(action_world.simulate_kicks(pos[None], vel[None], radii[None],
                                                             none, config)[0], free, atol=1e-12)
-    push = none.copy()
-    push[0, 3] = (1.0, 0.0)
-    pushed = action_world.simulate_pushes(pos[None], vel[None], radii[None], push, config)[0]
-    np.testing.assert_allclose(pushed[0, :3], free[0, :3], atol=1e-12)
-    assert np.abs(pushed[0, 3:, 0] - free[0, 3:, 0]).max() > 1e-3
+    kick = none.copy()
+    kick[0, 3] = (1.0, 0.0)
+    kicked = action_world.simulate_kicks(pos[None], vel[None], radii[None], kick, config)[0]
+    np.testing.assert_allclose(kicked[0, :3], free[0, :3], atol=1e-12)
+    assert np.abs(kicked[0, 3:, 0] - free[0, 3:, 0]).max() > 1e-3
 
 
-def test_pushed_dataset_is_deterministic_and_records_its_actions():
+def test_kicked_dataset_is_deterministic_and_records_its_actions():
     a = action_world.make_dataset(3, 5, 32, seed=1)
     b = action_world.make_dataset(3, 5, 32, seed=1)
     assert all(np.array_equal(x.clip.frames, y.clip.frames) for x, y in zip(a, b))
@@ -70,9 +70,17 @@ def test_recipe_runs_end_to_end(name, tmp_path):
             "text_to_video": ("count_accuracy", "unconditional_count_accuracy")}[name]
     number = lambda v: v["position_error_px"] if isinstance(v, dict) else v  # ball metrics: a dict
     assert all(np.isfinite(number(report[k])) for k in keys)
-    if name == "class_to_video":  # samples per class asked for, by the ball count read
-        assert np.asarray(report["balls_read_per_class"]).sum() == report["samples"]
     assert (tmp_path / "report.json").exists() and (tmp_path / "model" / "config.json").exists()
+    if name == "class_to_video":  # samples per class asked for, by the ball count read; a row
+        # of samples per class, then the unconditional ones
+        assert np.asarray(report["balls_read_per_class"]).sum() == report["samples"]
+        from vgpt_jax.data.video_io import read_video
+        cfg = recipes.recipe_config(name, "quick")
+        frames = read_video(str(tmp_path / "samples.gif"))[0]
+        side = 2 * (cfg.world.frame_size + 2)  # upscaled 2x, with the grid's gap
+        # (a GIF merges repeated frames, so it may hold fewer than sample_frames)
+        assert frames.shape[1:3] == (4 * side, 8 * side)
+        assert 1 <= len(frames) <= cfg.eval.sample_frames
 
 
 def test_a_fine_tune_reads_its_world_with_the_base_model_normalization(tmp_path):
@@ -108,3 +116,10 @@ def test_bad_recipe_names_the_field():
         recipes.recipe_config("nope")
     with pytest.raises(ValueError, match="size"):
         recipes.recipe_config("class_to_video", "huge")
+    cfg = recipes.recipe_config("class_to_video", "quick")
+    cfg.eval.fvd = True  # the quick size samples 2 frames; I3D needs 9
+    with pytest.raises(ValueError, match="eval.fvd needs eval.sample_frames >= 9"):
+        recipes.run(cfg, "unused")
+    cfg.eval.sample_frames = 64
+    with pytest.raises(ValueError, match="eval.sample_frames=64: 1..world.num_frames"):
+        recipes.run(cfg, "unused")

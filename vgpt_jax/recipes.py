@@ -13,6 +13,8 @@ export instead, e.g. the demo's `runs/demo/model`), and measures what its condit
   their ball count read off the decoded frames (bright connected blobs in frame 0); class
   accuracy against chance (a third), the counts read per class asked for (a confusion table
   and means) with and without the class, and the counter's own accuracy on true videos;
+  with `eval.fvd`, FVD against real videos of the world, overall and per class, beside a
+  second real set (the floor) and real frames held still (`_class_fvd`);
 - text_to_video: each video's caption is templated from the simulator's ground truth
   (`caption`: "two balls, the red one moves left") and embedded once at ingestion by a frozen
   text encoder (`text_encoder`; the embedded default is a small random T5 written into the
@@ -73,7 +75,9 @@ def recipe_config(name: str, size: str = "default") -> ml_collections.ConfigDict
     cfg.eval = ml_collections.ConfigDict(dict(
         context_frames=2, predict_frames=2 if quick else 4, steps=1 if quick else 20,
         guidance=1.0, guidance_c=1.0, time_shift=1.0, samples_per_class=1 if quick else 32,
-        seed=0))
+        # videos from nothing (class_to_video, text_to_video): their length, and FVD for
+        # class_to_video (the eval extra's I3D, clips of >= 9 frames)
+        sample_frames=2 if quick else 16, fvd=not quick, seed=0))
     # token_gate (off, the default): see `ConditionConfig`; measured on a one-ball world it
     # only began to separate true from shuffled actions (0.75% at 600 steps).
     cc = dict(num_classes=0, action_dim=0, dropout=0.1, token_gate=False, head_modulation=False)
@@ -93,7 +97,7 @@ def recipe_config(name: str, size: str = "default") -> ml_collections.ConfigDict
         w.max_balls = 2
         # The main job's fps (a fine-tune from its export knows the world's timing); a kick
         # moves the controlled ball 3 px in the next frame, twice the free balls' fastest.
-        w.push_speed, w.push_prob = 3.0, 0.5
+        w.kick_speed, w.kick_prob = 3.0, 0.5
         cc["action_dim"] = ACTION_DIM
         cc["dropout"] = 0.0             # no action guidance: the actions are always given
     elif name == "atari_actions":
@@ -166,7 +170,7 @@ def _world(cfg, split: str, count: int, encoder=None):
         return episodes, [{"actions": e.actions.tolist()} for e in episodes]
     if cfg.recipe == "action_prediction":
         kicked = action_world.make_dataset(count, w.num_frames, w.frame_size, w.seed, split,
-                                           world, w.push_speed, w.push_prob)
+                                           world, w.kick_speed, w.kick_prob)
         return [k.clip for k in kicked], [{"actions": k.actions.tolist()} for k in kicked]
     clips = pw.make_dataset(count, w.num_frames, w.frame_size, w.seed, split, config=world,
                             num_takes=1)
@@ -202,11 +206,12 @@ def ball_errors(space, latents_NFhwc, clips, start: int, balls_kept: int | None 
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 
 
-def evaluate(cfg, model, space, test_latents, extras, test_clips) -> dict:
+def evaluate(cfg, model, space, test_latents, extras, test_clips, out_dir=None) -> dict:
     """The recipe's measurements (module docstring) on held-out latents [N, F, h, w, C] of
-    `test_clips` (physics clips or Atari episodes: `.frames` each)."""
+    `test_clips` (physics clips or Atari episodes: `.frames` each). class_to_video also writes
+    `out_dir/samples.gif` (given an `out_dir`): a row of samples per class asked for, then the
+    unconditional ones."""
     from vgpt_jax import sampling
-    from vgpt_jax.data.physics_world import WorldConfig
     e = cfg.eval
     sampler = sampling.SamplerConfig(steps=int(e.steps), guidance=float(e.guidance),
                                      window=int(cfg.data.num_frames),
@@ -217,32 +222,8 @@ def evaluate(cfg, model, space, test_latents, extras, test_clips) -> dict:
     if cfg.recipe == "text_to_video":
         return _text_to_video(cfg, model, sampler, space, test_latents, extras)
     if cfg.recipe == "class_to_video":
-        classes = int(cfg.model.conditions.num_classes)
-        per = int(e.samples_per_class)
-        wanted = np.repeat(np.arange(classes), per)
-        counts = lambda class_id: balls_in_samples(cfg, model, sampler, space,
-                                                   test_latents.shape[2:4], len(wanted),
-                                                   class_id=class_id)
-
-        def confusion(counted):  # rows: the class asked for; columns: 0..classes+1 balls read
-            return [np.bincount(np.minimum(counted[wanted == k], classes + 1),
-                                minlength=classes + 2).tolist() for k in range(classes)]
-
-        def mean_read(counted):  # a counter that misses faint balls still orders the classes
-            return [float(counted[wanted == k].mean()) for k in range(classes)]
-
-        conditioned, unconditioned = counts(wanted), counts(None)
-        truth = np.asarray([x["class_id"] for x in extras])
-        counted = count_balls(np.stack([clip.frames[0] for clip in test_clips]),
-                              WorldConfig().background)
-        return {"class_accuracy": float(np.mean(conditioned == wanted + 1)),
-                "unconditional_accuracy": float(np.mean(unconditioned == wanted + 1)),
-                "chance": 1.0 / classes, "counter_accuracy_on_true_videos":
-                float(np.mean(counted == truth + 1)), "samples": int(len(wanted)),
-                "balls_read_per_class": confusion(conditioned),
-                "balls_read_unconditional": confusion(unconditioned),
-                "mean_balls_read_per_class": mean_read(conditioned),
-                "mean_balls_read_unconditional": mean_read(unconditioned)}
+        return _class_to_video(cfg, model, sampler, space, test_latents.shape[2:4], extras,
+                               test_clips, out_dir)
     c, p = int(e.context_frames), int(e.predict_frames)
     context, truth = test_latents[:, :c], test_latents[:, c:c + p]
     copied = np.repeat(context[:, -1:], p, axis=1)
@@ -271,14 +252,99 @@ def evaluate(cfg, model, space, test_latents, extras, test_clips) -> dict:
             "videos": n}
 
 
-def balls_in_samples(cfg, model, sampler, space, latent_hw, n: int, **conditions):
-    """`n` videos of `eval.predict_frames` frames of `latent_hw` latents sampled from nothing
-    (seeds 0..n-1) under `conditions`; the balls read off each one's decoded first frame [n]."""
+def sample_from_nothing(cfg, model, sampler, space, latent_hw, n: int, **conditions):
+    """`n` decoded videos of `eval.sample_frames` frames of `latent_hw` latents, sampled from
+    nothing (seeds 0..n-1) under `conditions` in the clips the model was trained on (one frame
+    each for `data.clip_mode` "one_frame", else one clip): uint8 [n, F, H, W, 3]."""
     from vgpt_jax import sampling
+    frames = int(cfg.eval.sample_frames)
+    clips = (1,) * frames if cfg.data.clip_mode == "one_frame" else (frames,)
+    out = sampling.sample_video(model, clips, sampler, list(range(n)), latent_hw=latent_hw,
+                                **conditions)
+    return np.stack([space.decode(v) for v in out])
+
+
+def balls_read(videos_NFHW3) -> np.ndarray:
+    """The balls read off each video's first frame [N] (`count_balls`)."""
     from vgpt_jax.data.physics_world import WorldConfig
-    out = sampling.sample_video(model, (int(cfg.eval.predict_frames),), sampler, list(range(n)),
-                                latent_hw=latent_hw, **conditions)
-    return count_balls(np.stack([space.decode(v[:1])[0] for v in out]), WorldConfig().background)
+    return count_balls(np.asarray(videos_NFHW3)[:, 0], WorldConfig().background)
+
+
+def write_sample_grid(path: str, rows, fps: float, columns: int = 8, gap: int = 2) -> None:
+    """Videos [R][N, F, H, W, 3] as one animation (a grid row each, the first `columns`
+    videos of each; frames upscaled 2x)."""
+    from vgpt_jax.data.video_io import write_video
+    rows = [np.asarray(r)[:columns] for r in rows]
+    f, h, w = rows[0].shape[1:4]
+    pad = lambda x, axis: np.concatenate([x, np.full(x.shape[:axis] + (gap,) + x.shape[axis + 1:],
+                                                     255, np.uint8)], axis)
+    lines = [np.concatenate([pad(v, 2) for v in r] + [np.full((f, h, (w + gap) * (columns - len(r)),
+                                                              3), 255, np.uint8)], 2) for r in rows]
+    grid = np.concatenate([pad(line, 1) for line in lines], 1)
+    write_video(path, np.repeat(np.repeat(grid, 2, axis=1), 2, axis=2), fps)
+
+
+def _class_to_video(cfg, model, sampler, space, latent_hw, extras, test_clips,
+                    out_dir=None) -> dict:
+    """`eval.samples_per_class` videos per class from nothing, with the class (condition
+    guidance) and without it (the same seeds); the balls read off their first frames, and with
+    `eval.fvd` their FVD against real videos (`_class_fvd`)."""
+    classes = int(cfg.model.conditions.num_classes)
+    wanted = np.repeat(np.arange(classes), int(cfg.eval.samples_per_class))
+    sample = lambda class_id: sample_from_nothing(cfg, model, sampler, space, latent_hw,
+                                                  len(wanted), class_id=class_id)
+    conditioned_videos, unconditioned_videos = sample(wanted), sample(None)
+    conditioned, unconditioned = balls_read(conditioned_videos), balls_read(unconditioned_videos)
+
+    def confusion(counted):  # rows: the class asked for; columns: 0..classes+1 balls read
+        return [np.bincount(np.minimum(counted[wanted == k], classes + 1),
+                            minlength=classes + 2).tolist() for k in range(classes)]
+
+    def mean_read(counted):  # a counter that misses faint balls still orders the classes
+        return [float(counted[wanted == k].mean()) for k in range(classes)]
+
+    truth = np.asarray([x["class_id"] for x in extras])
+    counted = balls_read(np.stack([clip.frames for clip in test_clips]))
+    report = {"class_accuracy": float(np.mean(conditioned == wanted + 1)),
+              "unconditional_accuracy": float(np.mean(unconditioned == wanted + 1)),
+              "chance": 1.0 / classes, "counter_accuracy_on_true_videos":
+              float(np.mean(counted == truth + 1)), "samples": int(len(wanted)),
+              "balls_read_per_class": confusion(conditioned),
+              "balls_read_unconditional": confusion(unconditioned),
+              "mean_balls_read_per_class": mean_read(conditioned),
+              "mean_balls_read_unconditional": mean_read(unconditioned)}
+    if out_dir:
+        write_sample_grid(os.path.join(out_dir, "samples.gif"),
+                          [conditioned_videos[wanted == k] for k in range(classes)]
+                          + [unconditioned_videos], float(cfg.world.fps) / 4)
+    if cfg.eval.fvd:
+        report["fvd"] = _class_fvd(cfg, conditioned_videos, unconditioned_videos, wanted)
+    return report
+
+
+def _class_fvd(cfg, conditioned, unconditioned, wanted) -> dict:
+    """FVD (Kinetics I3D, all `eval.sample_frames` frames at the world's size) of the class-
+    conditional and the unconditional samples against as many real videos of the world
+    (the validation split), beside two references: another real set of that size (the floor:
+    what sampling noise alone gives) and its first frames held still (a model that draws
+    good frames but no motion). Per class: `fvd.class_fvd`, the samples asked for class j
+    against the real videos of class k, and the unconditional samples of the same seeds."""
+    from vgpt_jax.eval import fvd
+    n, frames = len(wanted), int(cfg.eval.sample_frames)
+    clips, extras = _world(cfg, "validation", 2 * n)
+    real = np.stack([c.frames[:frames] for c in clips])
+    real_classes = np.asarray([x["class_id"] for x in extras])[:n]
+    still = np.repeat(real[n:, :1], frames, axis=1)
+    features = fvd.i3d_features(np.concatenate([conditioned, unconditioned, real, still]),
+                                num_frames=frames)
+    cond, uncond, reference, other_real, held_still = np.split(features, [n, 2 * n, 3 * n, 4 * n])
+    distance = lambda x: fvd.frechet_distance(x, reference)
+    return {"conditional": distance(cond), "unconditional": distance(uncond),
+            "real_videos": distance(other_real), "real_first_frames_held_still": distance(held_still),
+            "per_class": fvd.class_fvd(cond, wanted, reference, real_classes).tolist(),
+            "unconditional_per_class": fvd.class_fvd(uncond, wanted, reference,
+                                                     real_classes).diagonal().tolist(),
+            "videos": n, "frames": frames}
 
 
 def _text_to_video(cfg, model, sampler, space, test_latents, extras) -> dict:
@@ -291,13 +357,30 @@ def _text_to_video(cfg, model, sampler, space, test_latents, extras) -> dict:
     wanted = np.asarray([caption_count(x["caption"]) for x in extras])
 
     def accuracy(**conditions):
-        counted = balls_in_samples(cfg, model, sampler, space, test_latents.shape[2:4],
-                                   len(extras), **conditions)
-        return float(np.mean(counted == wanted))
+        return float(np.mean(balls_read(sample_from_nothing(
+            cfg, model, sampler, space, test_latents.shape[2:4], len(extras), **conditions))
+            == wanted))
 
     return {"count_accuracy": accuracy(text=text, text_mask=mask),
             "unconditional_count_accuracy": accuracy(),
             "captions": [x["caption"] for x in extras[:4]], "samples": int(len(extras))}
+
+
+def check_eval(cfg) -> None:
+    """Reject eval settings the measurements cannot run with, naming the field (before
+    training)."""
+    e, frames = cfg.eval, int(cfg.eval.sample_frames)
+    if frames < 1 or frames > int(cfg.world.num_frames):
+        raise ValueError(f"eval.sample_frames={frames}: 1..world.num_frames "
+                         f"({cfg.world.num_frames})")
+    if cfg.recipe == "class_to_video" and e.fvd:
+        from vgpt_jax.eval.fvd import MIN_FRAMES
+        if frames < MIN_FRAMES:
+            raise ValueError(f"eval.fvd needs eval.sample_frames >= {MIN_FRAMES} (I3D), got "
+                             f"{frames}")
+        if int(e.samples_per_class) < 2:  # a covariance per class
+            raise ValueError(f"eval.fvd needs eval.samples_per_class >= 2, got "
+                             f"{e.samples_per_class}")
 
 
 def _denoising_error(model, latents_BFhwc, actions_BFA, context: int, t: float = 0.05) -> float:
@@ -333,6 +416,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     from vgpt_jax.vae.latent_space import make_latent_space, with_normalization
 
     t0 = time.perf_counter()
+    check_eval(cfg)
     os.makedirs(workdir, exist_ok=True)
     encoder = text_encoder_for(cfg, workdir) if cfg.recipe == "text_to_video" else None
     train_clips, train_extra = _world(cfg, "train", int(cfg.world.num_train_videos), encoder)
@@ -358,7 +442,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     test_latents = np.stack([space.encode(c.frames) for c in test_clips]).astype(np.float32)
     report = {"recipe": cfg.recipe, "steps": result.step,
               "final_loss": result.metrics.get("loss"),
-              **evaluate(cfg, model, space, test_latents, test_extra, test_clips)}
+              **evaluate(cfg, model, space, test_latents, test_extra, test_clips, workdir)}
     report["seconds"] = time.perf_counter() - t0
     with atomic_write(os.path.join(workdir, "report.json")) as f:
         json.dump(report, f, indent=2)

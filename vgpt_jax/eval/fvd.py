@@ -164,3 +164,26 @@ def fvd(
     videos_b = _check_videos(videos_b, "videos_b")
     kwargs = dict(num_frames=num_frames, max_videos=max_videos, batch_size=batch_size)
     return frechet_distance(i3d_features(videos_a, **kwargs), i3d_features(videos_b, **kwargs))
+
+
+def class_fvd(sample_features: np.ndarray, asked_classes: np.ndarray, real_features: np.ndarray,
+              real_classes: np.ndarray) -> np.ndarray:
+    """FVD of the samples asked for each class against the real videos of each class.
+
+    Args:
+      sample_features: `[N, D]` features (`i3d_features`) of class-conditional samples.
+      asked_classes: `[N]` the class each sample was asked for.
+      real_features: `[M, D]` features of real videos; real_classes: `[M]` their classes.
+    Returns:
+      `[K, K]` float: entry [k, j] is the FVD of the samples asked for class j against the real
+      videos of class k (K = the number of classes among either). A model that follows its
+      class has the smallest entry of each row on the diagonal.
+    """
+    asked_classes, real_classes = np.asarray(asked_classes), np.asarray(real_classes)
+    if len(asked_classes) != len(sample_features) or len(real_classes) != len(real_features):
+        raise ValueError(f"class_fvd: {len(sample_features)} samples with {len(asked_classes)} "
+                         f"classes, {len(real_features)} real videos with {len(real_classes)}")
+    classes = int(max(asked_classes.max(), real_classes.max())) + 1
+    return np.asarray([[frechet_distance(real_features[real_classes == k],
+                                         sample_features[asked_classes == j])
+                        for j in range(classes)] for k in range(classes)])
