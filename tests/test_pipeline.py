@@ -139,12 +139,22 @@ def test_split_frames():
     (lambda p: p[0], dict(window=5), "context of 6 frames is longer than the window of 5"),
     (lambda p: p[0, :2], dict(steps=0), "steps=0"),
     (lambda p: p[0, :2], dict(guidance=-1.0), "guidance=-1.0"),
+    (lambda p: p[0, :2], dict(steps=2.5), "steps=2.5: must be an integer"),  # not truncated
     (lambda p: p[0, :2].astype(np.int32), {}, "dtype int32"),
     (lambda p: p[0, 0], {}, "expected"),
 ])
 def test_bad_context_is_a_clear_error(pipe, pixels, make_context, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipe.predict(make_context(pixels), clip_sizes=[1], **{**FAST, **kwargs})
+
+
+def test_sampler_settings_by_name_are_cast_to_their_field_types(pipe):
+    cfg = pipe._sampler_config("predict", None, dict(guidance=2, same_noise_every_clip=1,
+                                                     steps=3))
+    assert (cfg.guidance, cfg.same_noise_every_clip, cfg.steps) == (2.0, True, 3)
+    assert type(cfg.guidance) is float and type(cfg.same_noise_every_clip) is bool
+    with pytest.raises(TypeError, match="unexpected keyword argument 'guidence'"):
+        pipe._sampler_config("predict", None, dict(guidence=2.0))
 
 
 def test_non_finite_context_latents_name_the_frame(pipe, pixels):

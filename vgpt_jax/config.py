@@ -11,6 +11,8 @@ the engine reads (each field cast to its type once). `checker` is the one way a 
 from __future__ import annotations
 
 import dataclasses
+import typing
+
 import ml_collections
 
 ATTENTION_IMPLS = ("auto", "dense", "blockwise", "dot_product", "splash")
@@ -303,7 +305,11 @@ DEFAULT_LOGICAL_RULES = (
 )
 
 
-_CASTS = {"int": int, "float": float, "bool": bool}
+def cast_to_fields(cls, given: dict, types=(int, float, bool)) -> dict:
+    """`given` (field name -> value) with each value of a `cls` dataclass field whose type is
+    one of `types` cast to it, the rest as given (field types resolved, not their strings)."""
+    hints = typing.get_type_hints(cls)
+    return {k: hints[k](v) if hints.get(k) in types else v for k, v in given.items()}
 
 
 class _Section:
@@ -319,12 +325,8 @@ class _Section:
         if isinstance(section, cls):
             return section
         given = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-        fields = {}
-        for f in dataclasses.fields(cls):
-            if f.name in given:
-                cast = _CASTS.get(f.type)
-                fields[f.name] = given[f.name] if cast is None else cast(given[f.name])
-        return cls(**fields)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**cast_to_fields(cls, {k: v for k, v in given.items() if k in names}))
 
     @classmethod
     def defaults(cls) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from vgpt_jax import checkpoint, conditioning, sampling
-from vgpt_jax.config import ModelConfig
+from vgpt_jax.config import ModelConfig, cast_to_fields
 from vgpt_jax.model import VideoGPT
 from vgpt_jax.vae.latent_space import LatentSpace
 
@@ -321,15 +321,14 @@ class Pipeline:
                         overrides: dict) -> sampling.SamplerConfig:
         """`sampler` (default: `SamplerConfig()`) with the settings given by name (float and
         bool fields cast to their type) and this pipeline's prediction type, validated."""
-        fields = {f.name: f.type for f in dataclasses.fields(sampling.SamplerConfig)
-                  if f.name != "prediction_type"}
+        fields = {f.name for f in dataclasses.fields(sampling.SamplerConfig)}
+        fields.discard("prediction_type")
         for name in overrides:
             if name not in fields:
                 raise TypeError(f"{method}() got an unexpected keyword argument {name!r} (the "
                                 f"sampler settings are {sorted(fields)})")
-        casts = {"float": float, "bool": bool}
-        given = {k: casts[fields[k]](v) if fields[k] in casts else v
-                 for k, v in overrides.items()}
+        # ints stay as given, so that validate() rejects steps=2.5 instead of truncating it
+        given = cast_to_fields(sampling.SamplerConfig, overrides, (float, bool))
         cfg = dataclasses.replace(sampler or sampling.SamplerConfig(), **given,
                                   prediction_type=self.prediction_type)
         cfg.validate()

@@ -325,9 +325,10 @@ def noisy_layout(batch: int, frames: int, history: int, L: int, guided):
 def window_conditions(model_cfg: ModelConfig, L: int, rows: tuple[Branch, ...], window: int,
                       new: int, class_id_B=None, actions_BWA=None, text=None):
     """The conditions of a call covering `window` frames, the last `new` of them new, for every
-    row of each video ([B * R], row b * R + r as `rows[r]` says), or None when none are given. A history row numbers the window's frames 0..W-1; a no-history row numbers the
-    new frames 0..new-1 (as `noisy_layout`), the rest invalid; a no-conditions row has all its
-    condition tokens invalid. `actions_BWA`: the window's actions, one per frame. `text`:
+    row of each video ([B * R], row b * R + r as `rows[r]` says), or None when none are given.
+    A history row numbers the window's frames 0..W-1; a no-history row numbers the new frames
+    0..new-1 (as `noisy_layout`), the rest invalid; a no-conditions row has all its condition
+    tokens invalid. `actions_BWA`: the window's actions, one per frame. `text`:
     (embeddings [B, N, E], mask [B, N]) or None."""
     if class_id_B is None and actions_BWA is None and text is None:
         return None
