@@ -14,9 +14,11 @@ import jax  # noqa: E402
 
 def main() -> int:
     port, process_id, count = (int(a) for a in sys.argv[1:4])
+    # A generous shutdown barrier: on the loaded 2-core CI box process 0 once reached it more
+    # than 60 s after process 1 had (cause not found; every step of the job had finished).
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=count,
                                process_id=process_id, initialization_timeout=120,
-                               heartbeat_timeout_seconds=60, shutdown_timeout_seconds=60,
+                               heartbeat_timeout_seconds=60, shutdown_timeout_seconds=180,
                                coordinator_bind_address=f"127.0.0.1:{port}")
     from vgpt_jax import cli
     return cli.main(sys.argv[4:])
