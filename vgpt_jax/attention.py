@@ -120,8 +120,8 @@ def dot_product_attention(q, k, v, q_meta, kv_meta, block_len):
 # a clip, so at 16-48 frames about a third of the tiles are visible against ~95% in the
 # interleaved training order (measured with 512-token tiles). Which tiles are visible comes from
 # a per-block table computed once per call, so a skipped tile costs a table lookup; the table
-# also marks the tiles whose every pair is visible (clean keys of earlier frames, most of the
-# visible tiles at 48 frames), which skip the token mask and its selects.
+# also marks the tiles whose every pair is visible (clean keys of earlier frames: 23 of the 52
+# visible 512-token tiles at 48 frames), which skip the token mask and its selects.
 
 
 def _pad_to(x, axis, multiple, value):
@@ -191,9 +191,8 @@ def _tile_table(qm: TokenMeta, km: TokenMeta, L: int, tile_q: int, tile_k: int) 
 
     pairs = visible(per_offset(qm, (2, 4)), per_offset(km, (1, 3)), L)  # [B, NBq, NBk, R, R]
     b, nbq, nbk = pairs.shape[:3]
-    tiles = lambda x: x.reshape(b, nbq // tile_q, tile_q, nbk // tile_k, tile_k, -1)
-    any_ = tiles(pairs.any((3, 4))).any((0, 2, 4, 5))
-    all_ = tiles(pairs.reshape(b, nbq, nbk, -1)).all((0, 2, 4, 5))
+    tiles = pairs.reshape(b, nbq // tile_q, tile_q, nbk // tile_k, tile_k, -1)
+    any_, all_ = tiles.any((0, 2, 4, 5)), tiles.all((0, 2, 4, 5))
     return jnp.where(all_, FULL, jnp.where(any_, PARTIAL, SKIP)).astype(jnp.int32)
 
 

@@ -119,11 +119,22 @@ def recipe_config(name: str, size: str = "default") -> ml_collections.ConfigDict
     return cfg
 
 
+def hue_index(rgb_N3) -> np.ndarray:
+    """Each colour's `COLOR_NAMES` index [...]: its hue in sixths (`physics_world.palette`'s
+    colours are saturated, so the hue tells them apart)."""
+    from matplotlib.colors import rgb_to_hsv
+    hue = rgb_to_hsv(np.asarray(rgb_N3, np.float64) / 255.0)[..., 0]
+    return np.round(hue * 6).astype(int) % 6
+
+
 def color_name(rgb) -> str:
-    """The hue name of a palette colour (`physics_world.palette`: saturated, so hue tells)."""
-    import colorsys
-    hue = colorsys.rgb_to_hsv(*(np.asarray(rgb, np.float64) / 255.0))[0]
-    return COLOR_NAMES[int(round(hue * 6)) % 6]
+    """The hue name of a palette colour."""
+    return COLOR_NAMES[int(hue_index(rgb))]
+
+
+def lit_pixels(frames_HW3, background) -> np.ndarray:
+    """Pixels clearly off the background [..., H, W] bool: a ball's, on decoded samples too."""
+    return np.abs(np.asarray(frames_HW3, np.float32) - np.asarray(background)).max(-1) > 60
 
 
 def caption(clip) -> str:
@@ -144,11 +155,8 @@ def parse_caption(text: str) -> tuple[int, str, str]:
 def colour_x(frame_HW3: np.ndarray, colour: str, background, min_pixels: int = 4):
     """The mean x (px) of the lit pixels of hue `colour` (`COLOR_NAMES`) in a frame, or None
     where fewer than `min_pixels` have it."""
-    from matplotlib.colors import rgb_to_hsv
-    frame = frame_HW3.astype(np.float32)
-    lit = np.abs(frame - np.asarray(background)).max(-1) > 60
-    names = np.round(rgb_to_hsv(frame / 255.0)[..., 0] * 6).astype(int) % 6
-    xs = np.nonzero(lit & (names == COLOR_NAMES.index(colour)))[1]
+    hue = lit_pixels(frame_HW3, background) & (hue_index(frame_HW3) == COLOR_NAMES.index(colour))
+    xs = np.nonzero(hue)[1]
     return float(xs.mean()) if len(xs) >= min_pixels else None
 
 
@@ -219,8 +227,7 @@ def _world(cfg, split: str, count: int, encoder=None):
 def count_balls(frames_NHW3: np.ndarray, background) -> np.ndarray:
     """Bright connected blobs per frame [N] (a ball-count reader for decoded samples)."""
     from scipy import ndimage
-    lit = np.abs(frames_NHW3.astype(np.float32) - np.asarray(background)).max(-1) > 60
-    return np.asarray([ndimage.label(f)[1] for f in lit])
+    return np.asarray([ndimage.label(f)[1] for f in lit_pixels(frames_NHW3, background)])
 
 
 def _mse(a, b) -> float:
@@ -306,15 +313,13 @@ def balls_read(videos_NFHW3) -> np.ndarray:
 
 def write_sample_grid(path: str, rows, fps: float, columns: int = 8, gap: int = 2) -> None:
     """Videos [R][N, F, H, W, 3] as one animation (a grid row each, the first `columns`
-    videos of each; frames upscaled 2x)."""
+    videos of each, on white; frames upscaled 2x)."""
     from vgpt_jax.data.video_io import write_video
-    rows = [np.asarray(r)[:columns] for r in rows]
-    f, h, w = rows[0].shape[1:4]
-    pad = lambda x, axis: np.concatenate([x, np.full(x.shape[:axis] + (gap,) + x.shape[axis + 1:],
-                                                     255, np.uint8)], axis)
-    lines = [np.concatenate([pad(v, 2) for v in r] + [np.full((f, h, (w + gap) * (columns - len(r)),
-                                                              3), 255, np.uint8)], 2) for r in rows]
-    grid = np.concatenate([pad(line, 1) for line in lines], 1)
+    f, h, w = np.asarray(rows[0]).shape[1:4]
+    grid = np.full((f, len(rows) * (h + gap), columns * (w + gap), 3), 255, np.uint8)
+    for r, videos in enumerate(rows):
+        for c, video in enumerate(videos[:columns]):
+            grid[:, r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = video
     write_video(path, np.repeat(np.repeat(grid, 2, axis=1), 2, axis=2), fps)
 
 

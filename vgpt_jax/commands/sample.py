@@ -158,7 +158,7 @@ def conditions_of(args, pipe) -> dict:
 
 
 CONDITION_FLAGS = {"class_id": "--class", "actions": "--actions", "text": "--caption",
-         "text_mask": "--caption"}
+                   "text_mask": "--caption"}
 
 
 def trained_frame_size(pipe) -> tuple[int, int] | None:
