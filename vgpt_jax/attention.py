@@ -119,8 +119,8 @@ def dot_product_attention(q, k, v, q_meta, kv_meta, block_len):
 # see noisy keys (a whole quadrant), clean-clean is frame-causal and noisy-noisy is confined to
 # a clip, so at 16-48 frames about a third of the tiles are visible against ~95% in the
 # interleaved training order (measured with 512-token tiles). Which tiles are visible comes from
-# a per-block table computed once per call, so a skipped tile costs a table lookup; the table
-# also marks the tiles whose every pair is visible (clean keys of earlier frames: 23 of the 52
+# a per-block table computed once per call; the tile loops run over each row's (column's)
+# visible tiles only, so a skipped tile costs nothing; the table also marks the tiles whose every pair is visible (clean keys of earlier frames: 23 of the 52
 # visible 512-token tiles at 48 frames), which skip the token mask and its selects.
 
 
@@ -213,22 +213,36 @@ def _tile_mask(qm, km, block_len):
     return visible(_expand(qm, 2), _expand(km, 1), block_len)[:, None]  # [B, 1, bq, bk]
 
 
+def _visible_first(table):
+    """Tile classes [n, m] -> (each row's column indices [n, m], visible tiles first; each
+    row's count of visible tiles [n]): the tile loops visit visible tiles only, so a skipped
+    tile costs nothing (at 48 frames 2/3 of them)."""
+    cols = jnp.argsort(table == SKIP, axis=1, stable=True).astype(jnp.int32)
+    return cols, (table != SKIP).sum(1).astype(jnp.int32)
+
+
+def _at(tree, i):
+    """Tile i of every leaf of `tree` (tiles stacked on the leading axis)."""
+    return jax.tree.map(lambda x: x[i], tree)
+
+
 def _flash_forward(q, k, v, qm, km, table, L, bq, bk):
     """Arranged, padded inputs (q pre-scaled) -> o [n, B, H, bq, D] (float32), lse [n, B, H, bq]."""
     kt, vt = _tiles(k, bk), _tiles(v, bk)
     kmt = TokenMeta(*(_tiles(m, bk) for m in km))
-    nk = kt.shape[0]
+    cols, counts = _visible_first(table)
 
     def one_q_tile(args):
         i, q_i, qm_i = args  # [B, H, bq, D], meta [B, bq]
-        b, h, _, d = q_i.shape
-        init = (jnp.full((b, h, bq), _NEG, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
-                jnp.zeros((b, h, bq, d), jnp.float32))
+        # From q_i, so the carry has q's type under shard_map (varying over its mesh axes).
+        row = jnp.zeros_like(q_i[..., 0], jnp.float32)
+        init = (row + _NEG, row, jnp.zeros_like(q_i, jnp.float32))
 
-        def step(carry, xs):
-            j, k_j, v_j, km_j = xs
+        def step(n, carry):
+            j = cols[i, n]
+            k_j, v_j, km_j = kt[j], vt[j], _at(kmt, j)
 
-            def update(carry, masked: bool):
+            def update(masked: bool):
                 m, l, acc = carry
                 s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j, preferred_element_type=jnp.float32)
                 if masked:
@@ -242,11 +256,10 @@ def _flash_forward(q, k, v, qm, km, table, L, bq, bk):
                                                          v_j, preferred_element_type=jnp.float32)
                 return m_new, l * corr + p.sum(-1), acc
 
-            branches = (lambda c: c, functools.partial(update, masked=True),
-                        functools.partial(update, masked=False))  # SKIP, PARTIAL, FULL
-            return jax.lax.switch(table[i, j], branches, carry), None
+            return jax.lax.cond(table[i, j] == FULL, lambda: update(masked=False),
+                                lambda: update(masked=True))
 
-        (m, l, acc), _ = jax.lax.scan(step, init, (jnp.arange(nk), kt, vt, kmt))
+        m, l, acc = jax.lax.fori_loop(0, counts[i], step, init)
         safe_l = jnp.where(l > 0, l, 1.0)
         lse = jnp.where(l > 0, m + jnp.log(safe_l), jnp.inf)  # inf: fully masked row, p = 0
         return (acc / safe_l[..., None]).astype(q.dtype), lse
@@ -293,17 +306,19 @@ def _flash_bwd(L, tile_q, tile_k, res, do):
     delta = jnp.einsum("nbhqd,nbhqd->nbhq", do_t.astype(jnp.float32), o.astype(jnp.float32))
     qt = _tiles(q, bq)
     qmt = TokenMeta(*(_tiles(m, bq) for m in qm))
-    nq = qt.shape[0]
+
+    rows, counts = _visible_first(table.T)  # per kv tile: the q tiles that see it
 
     def one_k_tile(dq, xs):
         j, k_j, v_j, km_j = xs
         kf, vf = k_j.astype(jnp.float32), v_j.astype(jnp.float32)
 
-        def step(carry, xs):
+        def step(n, carry):
             dk, dv, dq = carry
-            i, q_i, do_i, qm_i, lse_i, delta_i = xs
+            i = rows[j, n]
+            q_i, do_i, qm_i, lse_i, delta_i = _at((qt, do_t, qmt, lse, delta), i)
 
-            def update(dk, dv, masked: bool):
+            def update(masked: bool):
                 s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j, preferred_element_type=jnp.float32)
                 if masked:
                     mask = _tile_mask(qm_i, km_j, L)
@@ -311,26 +326,23 @@ def _flash_bwd(L, tile_q, tile_k, res, do):
                 else:
                     p = jnp.exp(s - lse_i[..., None])
                 dof = do_i.astype(jnp.float32)
-                dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p, dof)
                 ds = p * (jnp.einsum("bhqd,bhkd->bhqk", dof, vf) - delta_i[..., None])
-                dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, q_i.astype(jnp.float32))
-                return dk, dv, jnp.einsum("bhqk,bhkd->bhqd", ds, kf)
+                return (dk + jnp.einsum("bhqk,bhqd->bhkd", ds, q_i.astype(jnp.float32)),
+                        dv + jnp.einsum("bhqk,bhqd->bhkd", p, dof),
+                        jnp.einsum("bhqk,bhkd->bhqd", ds, kf))
 
-            skip = lambda dk, dv: (dk, dv, jnp.zeros(q_i.shape, jnp.float32))
-            branches = (skip, functools.partial(update, masked=True),
-                        functools.partial(update, masked=False))  # SKIP, PARTIAL, FULL
-            dk, dv, dq_i = jax.lax.switch(table[i, j], branches, dk, dv)
+            dk, dv, dq_i = jax.lax.cond(table[i, j] == FULL, lambda: update(masked=False),
+                                        lambda: update(masked=True))
             # Outside the cond, so the full dq buffer is updated in place, never copied per tile.
-            return (dk, dv, dq.at[i].add(dq_i)), None
+            return dk, dv, dq.at[i].add(dq_i)
 
-        zeros = jnp.zeros(k_j.shape, jnp.float32)
-        (dk, dv, dq), _ = jax.lax.scan(
-            step, (zeros, zeros, dq), (jnp.arange(nq), qt, do_t, qmt, lse, delta))
+        zeros = jnp.zeros_like(k_j, jnp.float32)
+        dk, dv, dq = jax.lax.fori_loop(0, counts[j], step, (zeros, zeros, dq))
         return dq, (dk, dv)
 
     kt, vt = _tiles(k, bk), _tiles(v, bk)
     kmt = TokenMeta(*(_tiles(m, bk) for m in km))
-    dq0 = jnp.zeros(qt.shape, jnp.float32)
+    dq0 = jnp.zeros_like(qt, jnp.float32)
     dq, (dk, dv) = jax.lax.scan(one_k_tile, dq0, (jnp.arange(kt.shape[0]), kt, vt, kmt))
     dq = _restore(_untile(dq), q_order, L, t).astype(q.dtype)
     dk = _restore(_untile(dk), kv_order, L, s_len).astype(k.dtype)

@@ -77,6 +77,34 @@ def error_of(fn) -> str:
     return "no error"
 
 
+def shard_map_attention(devices) -> dict:
+    """Blockwise attention and its gradients inside `jax.shard_map` (the batch split over the
+    8 devices, the vma check on) against dense attention on one device: max abs differences."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, PartitionSpec as P
+    from vgpt_jax import attention, layout
+    rng = np.random.default_rng(0)
+    L = 6
+    lay = layout.training_layout(np.stack([layout.sample_clip_ids(rng, 6) for _ in range(8)]), L)
+    meta = layout.token_meta(lay)
+    q, k, v = (jnp.asarray(rng.normal(size=(8, lay.num_tokens, 2, 8)), jnp.float32)
+               for _ in range(3))
+
+    def value_and_grads(attend):
+        loss = lambda q, k, v, m: (attend(q, k, v, m) * v).sum()
+        return attend(q, k, v, meta), jax.grad(loss, argnums=(0, 1, 2))(q, k, v, meta)
+
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    blockwise = jax.shard_map(
+        lambda q, k, v, m: attention.blockwise_attention(q, k, v, m, m, L, 2 * L, 2 * L),
+        mesh=mesh, in_specs=P("batch"), out_specs=P("batch"))
+    got = jax.jit(lambda: value_and_grads(blockwise))()
+    want = value_and_grads(lambda q, k, v, m: attention.dense_attention(q, k, v, m, m, L))
+    return dict(out=float(jnp.abs(got[0] - want[0]).max()),
+                grads=max(float(jnp.abs(a - b).max()) for a, b in zip(got[1], want[1])))
+
+
 def sharded(out_path: str) -> None:
     import jax
     from vgpt_jax import train
@@ -112,6 +140,8 @@ def sharded(out_path: str) -> None:
                           tiny_source())
     res["reshard"]["resumed_step"] = resumed.step
     res["reshard"]["resumed_loss_finite"] = bool(np.isfinite(resumed.metrics["loss"]))
+
+    res["shard_map_attention"] = shard_map_attention(devices)
 
     res["errors"] = {
         "mesh_vs_devices": error_of(lambda: train.build(make_config(dict(data=3, fsdp=1)),
