@@ -1,7 +1,8 @@
 """Train-step throughput: vgpt_jax (jit, AdamW) against the PyTorch stack the official code uses.
 
-JAX: the full Video-GPT train step (embedders, Phi-3 decoder, head, x1 loss, AdamW) of a model
-preset on a 16-frame clip sequence. PyTorch reference, in the same run: transformers `Phi3Model`
+JAX: the training loop's own step (`train.build_step`: embedders, Phi-3 decoder, head, x1 loss,
+clipping, AdamW; jit with explicit shardings, state donated) of a model preset on a 16-frame
+clip sequence, on one device or a `--mesh` of `--cpu-devices`. PyTorch reference, in the same run: transformers `Phi3Model`
 of the same width and depth with the same dense additive mask and positions, trained with
 AdamW on an MSE over its hidden states (the decoder is >95% of the FLOPs), eager and under
 `torch.compile`. Prints tokens/s, achieved GFLOP/s (analytic count, attention counted over the
@@ -13,6 +14,7 @@ process's peak resident set after each row (cumulative, so rows run JAX first).
     python benchmarks/train_step.py --layers 8 --width 512 --heads 8 --mlp 1536
     python benchmarks/train_step.py --mode 48f      # 48 frames of 16x16 latents (6336 tokens)
     python benchmarks/train_step.py --mode stage4   # 80 frames of 40x22 SDXL latents (35520)
+    python benchmarks/train_step.py --mode 48f --cpu-devices 2 --mesh tensor=2  # heads split
 """
 from __future__ import annotations
 
@@ -27,11 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from benchmarks.common import measured_matmul_peak, time_call  # noqa: E402
-from vgpt_jax import attention, config, diffusion, layout  # noqa: E402
+from vgpt_jax import attention, config, layout, sharding, train  # noqa: E402
 from vgpt_jax.model import VideoGPT  # noqa: E402
 
 # Stage 4 trains on 320x176 video; the SDXL VAE (8x down) gives 40x22 latent frames.
@@ -43,28 +43,30 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def jax_step_seconds(cfg, batch, repeats):
-    model = VideoGPT(cfg, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.adamw(1e-4, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1),
-                        wrt=nnx.Param)
-    graphdef, state = nnx.split((model, opt))
-
-    @jax.jit
-    def step(state, batch, key):
-        model, opt = nnx.merge(graphdef, state)
-        (value, _), grads = nnx.value_and_grad(diffusion.loss, has_aux=True)(model, batch, key)
-        opt.update(model, grads)
-        return nnx.state((model, opt)), value
-
-    key = jax.random.key(0)
+def jax_step_seconds(train_cfg, batch, mesh_sizes, repeats):
+    """The training loop's own step (`train.build_step`: jit with explicit shardings, state
+    donated) on a mesh of `mesh_sizes` over the first devices."""
+    for axis, size in mesh_sizes.items():
+        train_cfg.mesh.ici[axis] = size
+    n = int(np.prod(list(mesh_sizes.values()) or [1]))
+    setup = train.build_step(train_cfg, jax.devices()[:n])
+    state = setup.init()
+    batch = {k: jax.device_put(v, setup.batch_shardings[k]) for k, v in batch.items()}
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch, key).compile()
+    compiled = setup.step_fn.lower(state, batch).compile()
     mem = compiled.memory_analysis()
     peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
             - mem.alias_size_in_bytes) / 2**30
-    jax.block_until_ready(compiled(state, batch, key))
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
-    return time_call(lambda: compiled(state, batch, key)[1], repeats=repeats), compile_s, peak
+    times = []
+    for i in range(2 + repeats):  # the state is donated: each step feeds the next
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:])), compile_s, peak
 
 
 def torch_step_seconds(cfg, positions, mask_bool, compiled, repeats):
@@ -130,11 +132,21 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=0, help="override the heads (= kv heads)")
     p.add_argument("--mlp", type=int, default=0, help="override the MLP width (0: preset)")
     p.add_argument("--unrolled", action="store_true", help="a Python loop over layers, no scan")
+    p.add_argument("--cpu-devices", type=int, default=1,
+                   help="split the host's CPU into this many JAX devices (one per core: XLA:CPU "
+                        "runs a device's loops and elementwise fusions on one thread)")
+    p.add_argument("--mesh", default="", help="mesh sizes, e.g. tensor=2 (heads split) or "
+                                              "fsdp=2 (batch split); default one device")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-torch-compile", action="store_true")
     args = p.parse_args(argv)
+    if args.cpu_devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    mesh_sizes = sharding.parse_mesh(args.mesh)
 
-    mc = config.get_model_config(args.model)
+    train_cfg = config.get_train_config(args.model)
+    train_cfg.mesh.ici.fsdp = 1
+    mc = train_cfg.model
     mc.attention.impl = args.attention
     if args.tile:
         mc.attention.blockwise_tile = args.tile
@@ -153,6 +165,7 @@ def main(argv=None):
     batch = {"latents": jnp.asarray(rng.normal(size=(args.batch, f, h, w, cfg.latent_channels)),
                                     jnp.float32),
              "clip_ids": jnp.asarray(clip_ids)}
+    train_cfg.data.update(num_frames=f, global_batch_size=args.batch)
     L = config.block_len_for(cfg, h, w)
     lay = layout.training_layout(clip_ids, L)
     meta = layout.token_meta(lay)
@@ -173,9 +186,10 @@ def main(argv=None):
           f"tokens/sample, {attended:.0f} keys/query on average; load {os.getloadavg()[0]:.1f}")
     rows = []
     backend = attention.resolve_impl(cfg.attention, lay.num_tokens)
-    sec, comp, jax_peak = jax_step_seconds(cfg, batch, args.repeats)
+    sec, comp, jax_peak = jax_step_seconds(train_cfg, batch, mesh_sizes, args.repeats)
     layers = "unrolled" if args.unrolled else "scan"
-    rows.append((f"vgpt_jax jit ({backend}, {layers})", sec, comp, jax_peak, peak_rss_gb()))
+    on = f", mesh {args.mesh}" if args.mesh else ""
+    rows.append((f"vgpt_jax jit ({backend}, {layers}{on})", sec, comp, jax_peak, peak_rss_gb()))
     if not args.no_torch:
         pos = layout.token_positions(lay)
         mask = attention.dense_mask(meta, meta, L)
