@@ -1,6 +1,7 @@
 """Shared helpers for the benchmarks: timing, a measured matmul peak, the attended-key count."""
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -33,3 +34,80 @@ def mean_attended_keys(mask_BTS) -> float:
     """Average number of visible keys per real query: the useful attention work."""
     m = np.asarray(mask_BTS)
     return float(m.sum(-1).mean())
+
+
+def profile_breakdown(trace_dir: str, hlo_text: str, steps: int, groups: dict, top: int = 12):
+    """Where a traced program's time went, from a `jax.profiler` trace of `steps` runs of it.
+
+    Self time of every XLA op (an op's time minus that of the ops nested in it, e.g. a loop's
+    body) on the host's XLA threads, per step. An op belongs to the first of `groups` (label ->
+    a substring of source names in `hlo_text`, the compiled module's text) that its own source
+    name or that of an op it runs inside (a loop, a branch) contains, else to "other": the ops
+    in a loop's body carry no source names of their own. Returns (seconds per group, the `top`
+    ops as (seconds, calls per step, op, source name), busy thread-seconds per step, threads).
+    """
+    import collections
+    import glob
+
+    group, source = _op_groups(hlo_text, groups)
+    path = max(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)
+    self_ns, calls, threads = collections.Counter(), collections.Counter(), 0
+    per_group = collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            if "XLAEigen" not in line.name:  # XLA:CPU's compute threads
+                continue
+            threads += 1
+            stack = []  # (end, name) of the enclosing events
+            for start, end, name in sorted(((e.start_ns, e.start_ns + e.duration_ns, e.name)
+                                            for e in line.events), key=lambda x: (x[0], -x[1])):
+                while stack and stack[-1][0] <= start:
+                    stack.pop()
+                if stack:
+                    self_ns[stack[-1][1]] -= end - start
+                self_ns[name] += end - start
+                calls[name] += 1
+                stack.append((end, name))
+    self_ns.pop("ThunkExecutor::Execute", None)  # the executor's own frames, not an op
+    for name, ns in self_ns.items():
+        per_group[group.get(name) or "other"] += ns / 1e9 / steps
+    ops = [(ns / 1e9 / steps, calls[name] // steps, name, source.get(name, ""))
+           for name, ns in self_ns.most_common(top)]
+    return dict(per_group), ops, sum(self_ns.values()) / 1e9 / steps, threads
+
+
+def _op_groups(hlo_text: str, groups: dict) -> tuple[dict, dict]:
+    """(op name -> group label or None, op name -> source name) for the ops of a compiled
+    module's text. An op's group: the first of `groups` whose key its source name (`op_name`
+    metadata) contains, else that of the op whose computation it is in (a loop's body, a
+    branch, a fusion), else None. Ops in a loop's body carry no source names of their own."""
+    import re
+    source, computation_of, callers = {}, {}, {}
+    computation = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"(?:ENTRY )?%([\w.\-]+) \(.*\{\s*$", line)
+        if header:
+            computation = header.group(1)
+            continue
+        op = re.match(r"\s+(?:ROOT )?%([\w.\-]+) = (.*)$", line)
+        if not op:
+            continue
+        name, rest = op.groups()
+        computation_of[name] = computation
+        src = re.search(r'op_name="([^"]*)"', rest)
+        source[name] = src.group(1) if src else ""
+        for called in re.findall(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)", rest) + [
+                c for b in re.findall(r"branch_computations=\{([^}]*)\}", rest)
+                for c in re.findall(r"%([\w.\-]+)", b)]:
+            callers.setdefault(called, name)
+    own = {n: next((g for g, key in groups.items() if key in src), None)
+           for n, src in source.items()}
+    label = {}
+
+    def group_of(name, depth=0):
+        if name not in label:
+            caller = callers.get(computation_of.get(name))
+            label[name] = own.get(name) or (group_of(caller, depth + 1)
+                                            if caller and depth < 64 else None)
+        return label[name]
+    return {n: group_of(n) for n in source}, source

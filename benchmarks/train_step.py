@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import measured_matmul_peak, time_call  # noqa: E402
+from benchmarks.common import measured_matmul_peak, profile_breakdown  # noqa: E402
 from vgpt_jax import attention, config, layout, sharding, train  # noqa: E402
 from vgpt_jax.model import VideoGPT  # noqa: E402
 
@@ -43,9 +43,16 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def jax_step_seconds(train_cfg, batch, mesh_sizes, repeats):
+PROFILE_STEPS = 2
+# Op groups of a profile, by the source names the ops carry (attention's tile loops are named).
+PROFILE_GROUPS = {"attention forward": "blockwise_attention_fwd",
+                  "attention backward": "blockwise_attention_bwd"}
+
+
+def jax_step_seconds(train_cfg, batch, mesh_sizes, repeats, profile_dir=None):
     """The training loop's own step (`train.build_step`: jit with explicit shardings, state
-    donated) on a mesh of `mesh_sizes` over the first devices."""
+    donated) on a mesh of `mesh_sizes` over the first devices. With `profile_dir`, then traces
+    `PROFILE_STEPS` more steps there and also returns their `profile_breakdown`."""
     for axis, size in mesh_sizes.items():
         train_cfg.mesh.ici[axis] = size
     n = int(np.prod(list(mesh_sizes.values()) or [1]))
@@ -66,7 +73,26 @@ def jax_step_seconds(train_cfg, batch, mesh_sizes, repeats):
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
-    return float(np.median(times[2:])), compile_s, peak
+    profile = None
+    if profile_dir:
+        with jax.profiler.trace(profile_dir):
+            for _ in range(PROFILE_STEPS):
+                state, metrics = compiled(state, batch)
+                jax.block_until_ready(metrics)
+        profile = profile_breakdown(profile_dir, compiled.as_text(), PROFILE_STEPS,
+                                    PROFILE_GROUPS)
+    return float(np.median(times[2:])), compile_s, peak, profile
+
+
+def print_profile(profile, step_s):
+    per_group, ops, busy, threads = profile
+    print(f"\nprofile: {busy * 1e3:.0f} ms of op time per step on {threads} XLA threads "
+          f"({busy / (step_s * max(threads, 1)):.0%} busy over the {step_s * 1e3:.0f} ms step)")
+    for label, sec in sorted(per_group.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:20s} {sec * 1e3:8.1f} ms  {sec / busy:6.1%}")
+    print("  largest ops (self time per step, calls per step, op, source):")
+    for sec, calls, name, src in ops:
+        print(f"  {sec * 1e3:8.1f} ms {calls:6d}x  {name:32s} {src[-70:]}")
 
 
 def torch_step_seconds(cfg, positions, mask_bool, compiled, repeats):
@@ -137,6 +163,9 @@ def main(argv=None):
                         "runs a device's loops and elementwise fusions on one thread)")
     p.add_argument("--mesh", default="", help="mesh sizes, e.g. tensor=2 (heads split) or "
                                               "fsdp=2 (batch split); default one device")
+    p.add_argument("--profile", metavar="DIR", help="trace the JAX step into DIR (TensorBoard's "
+                                                    "profile plugin reads it) and print where "
+                                                    "its time goes")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-torch-compile", action="store_true")
     args = p.parse_args(argv)
@@ -186,7 +215,8 @@ def main(argv=None):
           f"tokens/sample, {attended:.0f} keys/query on average; load {os.getloadavg()[0]:.1f}")
     rows = []
     backend = attention.resolve_impl(cfg.attention, lay.num_tokens)
-    sec, comp, jax_peak = jax_step_seconds(train_cfg, batch, mesh_sizes, args.repeats)
+    sec, comp, jax_peak, profile = jax_step_seconds(train_cfg, batch, mesh_sizes, args.repeats,
+                                                    args.profile)
     layers = "unrolled" if args.unrolled else "scan"
     on = f", mesh {args.mesh}" if args.mesh else ""
     rows.append((f"vgpt_jax jit ({backend}, {layers}{on})", sec, comp, jax_peak, peak_rss_gb()))
@@ -204,6 +234,8 @@ def main(argv=None):
         print(f"{name:36s} {sec * 1e3:9.1f} {tokens / sec:10.0f} {step_flops / sec / 1e9:9.1f} "
               f"{step_flops / sec / peak:6.1%} {comp:9.1f} {sec / rows[0][1]:8.2f}x "
               f"{step_gb:8.2f} {rss:7.2f}")
+    if profile:
+        print_profile(profile, rows[0][1])
 
 
 if __name__ == "__main__":

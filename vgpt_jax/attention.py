@@ -120,8 +120,9 @@ def dot_product_attention(q, k, v, q_meta, kv_meta, block_len):
 # a clip, so at 16-48 frames about a third of the tiles are visible against ~95% in the
 # interleaved training order (measured with 512-token tiles). Which tiles are visible comes from
 # a per-block table computed once per call; the tile loops run over each row's (column's)
-# visible tiles only, so a skipped tile costs nothing; the table also marks the tiles whose every pair is visible (clean keys of earlier frames: 23 of the 52
-# visible 512-token tiles at 48 frames), which skip the token mask and its selects.
+# visible tiles only, so a skipped tile costs nothing. The table also marks the tiles whose
+# every pair is visible (clean keys of earlier frames: 23 of the 52 visible 512-token tiles at
+# 48 frames), which skip the token mask and its selects.
 
 
 def _pad_to(x, axis, multiple, value):
@@ -283,6 +284,8 @@ def _flash(q, k, v, qm, km, L, tile_q, tile_k):
     return _flash_fwd(q, k, v, qm, km, L, tile_q, tile_k)[0]
 
 
+# Named, so that a profile (benchmarks/train_step.py --profile) finds the tile loops' ops.
+@functools.partial(jax.named_call, name="blockwise_attention_fwd")
 def _flash_fwd(q, k, v, qm, km, L, tile_q, tile_k):
     # Under a differentiated `lax.scan` (scanned layers) JAX hoists loop-invariant work out of
     # the scan body: everything that depends on the metadata alone, i.e. every tile's mask,
@@ -297,6 +300,7 @@ def _flash_fwd(q, k, v, qm, km, L, tile_q, tile_k):
     return out, (qa, ka, va, qma, kma, table, o, lse, q_order, kv_order)
 
 
+@functools.partial(jax.named_call, name="blockwise_attention_bwd")
 def _flash_bwd(L, tile_q, tile_k, res, do):
     """FlashAttention-2 backward: recompute each tile's probabilities from the saved logsumexp."""
     q, k, v, qm, km, table, o, lse, q_order, kv_order = res
