@@ -114,27 +114,35 @@ def _raw_latents(path):
     return [decode_record(record)[1] for record in _records(path)]
 
 
-def _pair(folder, out, extra_env=None) -> list[subprocess.Popen]:
+def _pair(folder, out, extra_env=None, env_of_process=None) -> list[subprocess.Popen]:
     """Start `vgpt prepare --distributed` as 2 processes of one jax.distributed runtime (2 CPU
-    devices each)."""
+    devices each); `env_of_process`: process id -> more environment for that process alone."""
     env = dict(subproc.env(2), **CRASH, **(extra_env or {}))
     port = subproc.free_port()
     return [subprocess.Popen([sys.executable, "tests/scripts/cli_distributed.py", str(port), str(pid), "2",
                               "prepare", "--distributed", "--input", str(folder), "--output", str(out),
-                              "--num-workers", "1", *ARGS], cwd=subproc.ROOT, env=env, stdout=subprocess.PIPE,
+                              "--num-workers", "1", *ARGS], cwd=subproc.ROOT,
+                             env=dict(env, **(env_of_process or {}).get(pid, {})), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for pid in range(2)]
 
 
-def _finish(procs, timeout=300) -> list[dict]:
-    """Wait for the processes; each one's printed counts (the CLI's last JSON line)."""
+def _wait(procs, timeout=300) -> list[str]:
+    """Each process's output, once all have exited (killed past `timeout` seconds)."""
     deadline, outs = time.time() + timeout, []
     try:
         for p in procs:
             outs.append(p.communicate(timeout=max(1, deadline - time.time()))[0])
     finally:
         _kill(procs)
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, f"rc {p.returncode}:\n{out[-3000:]}"
+    return outs
+
+
+def _finish(procs, timeout=300) -> list[dict]:
+    """Wait for the processes; each one's printed counts (the CLI's last JSON line)."""
+    outs = _wait(procs, timeout)
+    # Every process's tail: a process that failed first is often not the one that timed out.
+    assert all(p.returncode == 0 for p in procs), "\n".join(
+        f"process {i}: rc {p.returncode}:\n{out[-3000:]}" for i, (p, out) in enumerate(zip(procs, outs)))
     return [json.loads([line for line in out.splitlines() if line.startswith("{")][-1]) for out in outs]
 
 
@@ -175,6 +183,21 @@ def test_two_process_jax_job_gives_the_local_store(folder, reference, tmp_path):
     counts = _finish(_pair(folder, tmp_path / "dist"))
     assert counts[0]["processed"] == counts[1]["processed"] == 9  # process 1 reports the job's counts too
     _assert_same_store(tmp_path / "dist", reference[0])
+
+
+def test_a_failure_on_one_process_fails_every_process_promptly_naming_it(folder, tmp_path):
+    # Process 1 alone fails while writing its shard (the delay variable does not parse). Process 0
+    # must not wait for it in the collectives (jax.distributed's shutdown barrier would abort
+    # both after minutes, with no word of the cause): both exit with an error naming process 1.
+    t0 = time.time()
+    procs = _pair(folder, tmp_path / "dist", env_of_process={1: {ingest_shard._DELAY_ENV: "oops"}})
+    outs = _wait(procs, timeout=240)
+    assert time.time() - t0 < 150
+    for p, out in zip(procs, outs):
+        error = [line for line in out.splitlines() if line.startswith("vgpt prepare: error:")]
+        assert p.returncode == 1 and error, out[-2000:]
+        assert "process 1: ValueError" in error[0] and "oops" in error[0], error
+        assert "process 0" not in error[0]
 
 
 def test_two_process_jax_job_killed_midway_then_rerun(folder, reference, tmp_path):

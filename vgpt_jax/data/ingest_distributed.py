@@ -7,7 +7,8 @@ devices (a VAE's encode jitted with the frame batch sharded over them) and write
 with `ingest_shard.write_shard`. Process 0 prepares the output folder first and merges the
 shard manifests last; barriers (`multihost_utils.sync_global_devices`) order the three steps.
 A preempted process loses at most the video it was on: finished shards and journalled videos
-are kept by the rerun. The store equals the local job's for the same folder and settings.
+are kept by the rerun. A process whose own part fails (an exception, not a kill) still joins
+the collectives, and every process then raises one error naming the failed processes. The store equals the local job's for the same folder and settings.
 """
 from __future__ import annotations
 
@@ -36,6 +37,22 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
 
 
+_ERROR_BYTES = 1024  # of each process's error message, gathered
+
+
+def _gather_errors(error: str) -> list[tuple[int, str]]:
+    """Every process's error message ("" for none), gathered to all: a collective that every
+    process calls. Returns [(process index, message)] of the processes that failed."""
+    from jax.experimental import multihost_utils
+
+    raw = error.encode()[:_ERROR_BYTES]
+    buffer = np.zeros(_ERROR_BYTES, np.uint8)
+    buffer[:len(raw)] = np.frombuffer(raw, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buffer)).reshape(-1, _ERROR_BYTES)
+    return [(i, bytes(row).rstrip(b"\0").decode(errors="replace"))
+            for i, row in enumerate(rows) if row.any()]
+
+
 def ingest_distributed(input_dir: str, output: str, latent_space="space_to_depth:8",
                        config: IngestConfig | None = None, *, num_workers: int = 0,
                        overwrite: bool = False) -> dict:
@@ -59,12 +76,23 @@ def ingest_distributed(input_dir: str, output: str, latent_space="space_to_depth
                                  f"processes list different files under {job.input_dir}")
     tasks = ingest_shard.plan_shards(videos, config.num_shards)[index::count]
     done = np.zeros(2, np.int32)  # videos resumed, videos processed
-    encoder = device_encoder(job.space(), config.encode_batch)
-    with DecodePool(num_workers, config) as pool:
-        for task in tasks:
-            counts = ingest_shard.write_shard(job, task, encoder, pool)
-            done += (counts["resumed"], counts["processed"])
-    # Also the barrier before the merge: every process has written its shards.
+    error = ""
+    try:
+        encoder = device_encoder(job.space(), config.encode_batch)
+        with DecodePool(num_workers, config) as pool:
+            for task in tasks:
+                counts = ingest_shard.write_shard(job, task, encoder, pool)
+                done += (counts["resumed"], counts["processed"])
+    except Exception as e:  # any failure: every process must still reach the collectives below
+        error = f"{type(e).__name__}: {e}"
+    # Also the barrier before the merge: every process has written its shards, or failed. A
+    # process that raised here instead would leave the others waiting in this collective until
+    # jax.distributed's shutdown barrier aborts them all, with no word of the cause.
+    failures = _gather_errors(error)
+    if failures:
+        raise RuntimeError("ingestion failed on " + "; ".join(
+            f"process {i}: {message}" for i, message in failures) + " (finished shards and "
+            "journalled videos are kept: rerun the same command to resume)")
     resumed, processed = multihost_utils.process_allgather(done).reshape(-1, 2).sum(0)
     counts = {"resumed": int(resumed), "processed": int(processed)}
     summary = ingest_shard.merge_shards(job) if index == 0 else None
