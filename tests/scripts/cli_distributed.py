@@ -14,8 +14,9 @@ import jax  # noqa: E402
 
 def main() -> int:
     port, process_id, count = (int(a) for a in sys.argv[1:4])
-    # A generous shutdown barrier: on the loaded 2-core CI box process 0 once reached it more
-    # than 60 s after process 1 had (cause not found; every step of the job had finished).
+    # A generous shutdown barrier for the loaded 2-core CI box. (Its one CI failure, process 0
+    # still in an all-gather, was the signature of a process that had raised and left; the
+    # ingestion job now reports such a failure on every process instead.)
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=count,
                                process_id=process_id, initialization_timeout=120,
                                heartbeat_timeout_seconds=60, shutdown_timeout_seconds=180,
