@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: timing, a measured matmul peak, the attended-key count."""
+"""Shared helpers for the benchmarks: timing, a measured matmul peak, the attended-key count,
+and where a traced program's time went (`profile_breakdown`)."""
 from __future__ import annotations
 
 import os

@@ -2,8 +2,8 @@
 
 JAX: the training loop's own step (`train.build_step`: embedders, Phi-3 decoder, head, x1 loss,
 clipping, AdamW; jit with explicit shardings, state donated) of a model preset on a 16-frame
-clip sequence, on one device or a `--mesh` of `--cpu-devices`. PyTorch reference, in the same run: transformers `Phi3Model`
-of the same width and depth with the same dense additive mask and positions, trained with
+clip sequence, on one device or a `--mesh` of `--cpu-devices`. PyTorch reference, in the same
+run: transformers `Phi3Model` of the same width and depth with the same dense additive mask and positions, trained with
 AdamW on an MSE over its hidden states (the decoder is >95% of the FLOPs), eager and under
 `torch.compile`. Prints tokens/s, achieved GFLOP/s (analytic count, attention counted over the
 keys the mask actually lets each query see), MFU against a matmul peak measured here, the
@@ -32,7 +32,6 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import measured_matmul_peak, profile_breakdown  # noqa: E402
 from vgpt_jax import attention, config, layout, sharding, train  # noqa: E402
-from vgpt_jax.model import VideoGPT  # noqa: E402
 
 # Stage 4 trains on 320x176 video; the SDXL VAE (8x down) gives 40x22 latent frames.
 MODES = {"16f": dict(frames=16, latent_hw=(16, 16)), "48f": dict(frames=48, latent_hw=(16, 16)),
@@ -68,7 +67,7 @@ def jax_step_seconds(train_cfg, batch, mesh_sizes, repeats, profile_dir=None):
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
     times = []
-    for i in range(2 + repeats):  # the state is donated: each step feeds the next
+    for _ in range(2 + repeats):  # 2 warm-up steps; the state is donated: each feeds the next
         t0 = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
@@ -159,8 +158,8 @@ def main(argv=None):
     p.add_argument("--mlp", type=int, default=0, help="override the MLP width (0: preset)")
     p.add_argument("--unrolled", action="store_true", help="a Python loop over layers, no scan")
     p.add_argument("--cpu-devices", type=int, default=1,
-                   help="split the host's CPU into this many JAX devices (one per core: XLA:CPU "
-                        "runs a device's loops and elementwise fusions on one thread)")
+                   help="split the host's CPU into this many JAX devices, for --mesh (on the "
+                        "2-core build machine, tensor=2 over 2 was no faster than one device)")
     p.add_argument("--mesh", default="", help="mesh sizes, e.g. tensor=2 (heads split) or "
                                               "fsdp=2 (batch split); default one device")
     p.add_argument("--profile", metavar="DIR", help="trace the JAX step into DIR (TensorBoard's "

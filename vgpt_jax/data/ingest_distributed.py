@@ -8,7 +8,8 @@ with `ingest_shard.write_shard`. Process 0 prepares the output folder first and 
 shard manifests last; barriers (`multihost_utils.sync_global_devices`) order the three steps.
 A preempted process loses at most the video it was on: finished shards and journalled videos
 are kept by the rerun. A process whose own part fails (an exception, not a kill) still joins
-the collectives, and every process then raises one error naming the failed processes. The store equals the local job's for the same folder and settings.
+the collectives, and every process then raises one error naming the failed processes. The store
+equals the local job's for the same folder and settings.
 """
 from __future__ import annotations
 
