@@ -245,6 +245,25 @@ def test_finished_shard_is_skipped_and_half_written_one_redone(folder, reference
     _assert_same_store(out, reference[0])
 
 
+def test_a_decoder_crash_while_the_caller_is_busy_is_reported_not_raised(folder, monkeypatch):
+    # One worker, two videos in flight: the worker takes crash.mp4 and dies while the caller is
+    # still busy with the first result, so the pool is broken before the next submit (the
+    # distributed test's intermittent "BrokenProcessPool" failure).
+    from vgpt_jax.data.ingest import DECODER_CRASH, TOO_SMALL
+    from vgpt_jax.data.ingest_pool import DecodePool
+
+    monkeypatch.setenv(ingest_pool._CRASH_ENV, CRASH[ingest_pool._CRASH_ENV])
+    names = ["tiny.mp4", "crash.mp4", "carphone_pristine.mp4", "bikes.mp4"]
+    with DecodePool(1, CONFIG) as pool:
+        results = pool.decode([(str(folder / name), name) for name in names])
+        first = next(results)
+        time.sleep(3)  # a busy caller: the worker dies on crash.mp4 meanwhile
+        got = [first, *results]
+    kinds = {result[1]: "ok" if result[0] == "ok" else result[2] for result in got}
+    assert kinds == {"tiny.mp4": TOO_SMALL, "crash.mp4": DECODER_CRASH,
+                     "carphone_pristine.mp4": "ok", "bikes.mp4": "ok"}
+
+
 _VAE_CHECK = """
 import sys, numpy as np, jax
 from flax import nnx

@@ -73,15 +73,13 @@ class DecodePool:
             return
         queue, in_flight = collections.deque(jobs), {}
         while queue or in_flight:
-            while queue and len(in_flight) < 2 * self.num_workers:
-                path, rel = queue.popleft()
-                in_flight[self._pool.submit(decode_one, path, rel, self.config)] = (path, rel)
-            finished, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
-            if not any(isinstance(f.exception(), cf.process.BrokenProcessPool) for f in finished):
-                for future in finished:
-                    yield future.result()
-                    del in_flight[future]
-                continue
+            if self._submit(queue, in_flight):
+                finished, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                if not any(isinstance(f.exception(), cf.process.BrokenProcessPool) for f in finished):
+                    for future in finished:
+                        yield future.result()
+                        del in_flight[future]
+                    continue
             # A worker died: every video still in flight is lost with the pool; find the culprit.
             cf.wait(in_flight)
             suspects = []
@@ -95,6 +93,19 @@ class DecodePool:
             self._pool = self._new_pool(self.num_workers)
             for path, rel in suspects:
                 yield self._alone(path, rel)
+
+    def _submit(self, queue: collections.deque, in_flight: dict) -> bool:
+        """Top `in_flight` up from `queue`; False if the pool is broken. A worker can die while
+        the caller is busy with the last result (it had already taken the next video), and then
+        `submit` itself raises: the same crash as a broken future, handled the same way."""
+        while queue and len(in_flight) < 2 * self.num_workers:
+            path, rel = queue[0]
+            try:
+                future = self._pool.submit(decode_one, path, rel, self.config)
+            except cf.process.BrokenProcessPool:
+                return False
+            in_flight[future] = queue.popleft()
+        return True
 
     def _alone(self, path: str, rel: str) -> tuple:
         with self._new_pool(1) as pool:
