@@ -46,6 +46,12 @@ class AttentionConfig:
     # blockwise tile, tokens, rounded to whole frame blocks: 4 blocks of 66 tokens beat 2 and 8
     # at 16 and 48 frames on CPU (fwd + bwd, benchmarks/train_step.py shapes).
     blockwise_tile: int = 256
+    # kv tiles (forward) or q tiles (backward) per step of the blockwise tile loops, joined into
+    # one wider tile (a row's remainder goes one tile per step). At 48 frames, 4 heads, on 2 CPU
+    # cores the forward took 76 ms with 2, 112 ms with 1 and 83 ms with 3 (best of 10
+    # interleaved runs; forward + backward 226, 253 and 228 ms); the main job's step is the same
+    # with 1 and 2 (266 ms best of 45 each).
+    blockwise_tiles_per_step: int = 2
     # "auto" up to this many tokens uses dense attention: at 288 tokens dense and blockwise
     # tie; at 576 (the main job's 16 frames) blockwise is 1.2x faster per train step, at 2112
     # ~8x (it skips ~2/3 of the tiles).
@@ -182,8 +188,9 @@ class ModelConfig:
              f"must be one of {REMAT_POLICIES}")
         need(self.attention.impl in ATTENTION_IMPLS, "attention",
              f"impl must be one of {ATTENTION_IMPLS}")
-        need(self.attention.block_q > 0 and self.attention.block_kv > 0
-             and self.attention.blockwise_tile > 0, "attention", "block sizes must be positive")
+        att = self.attention
+        need(min(att.block_q, att.block_kv, att.blockwise_tile, att.blockwise_tiles_per_step) > 0,
+             "attention", "block sizes and tiles per step must be positive")
         cond, lora = self.conditions, self.lora
         need(all(isinstance(v, int) and v >= 0 for v in (cond.num_classes, cond.action_dim,
                                                            cond.text_dim, cond.text_tokens)),
