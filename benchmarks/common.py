@@ -45,20 +45,23 @@ def profile_breakdown(trace_dir: str, hlo_text: str, steps: int, groups: dict, t
     a substring of source names in `hlo_text`, the compiled module's text) that its own source
     name or that of an op it runs inside (a loop, a branch) contains, else to "other": the ops
     in a loop's body carry no source names of their own. Returns (seconds per group, the `top`
-    ops as (seconds, calls per step, op, source name), busy thread-seconds per step, threads).
+    ops as (seconds, calls per step, op, source name), busy thread-seconds per step, the cores
+    this process may run on). A thread in the executor's own frames or waiting (for a loop's
+    body, for YNNPACK's helpers: `SlinkyThreadPool::Await`) is not busy.
     """
     import collections
     import glob
 
     group, source = _op_groups(hlo_text, groups)
     path = max(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)
-    self_ns, calls, threads = collections.Counter(), collections.Counter(), 0
+    self_ns, calls = collections.Counter(), collections.Counter()
     per_group = collections.Counter()
     for plane in jax.profiler.ProfileData.from_file(path).planes:
         for line in plane.lines:
-            if "XLAEigen" not in line.name:  # XLA:CPU's compute threads
+            # XLA:CPU runs ops on its intra-op pool and on the PjRt client's threads (which take
+            # e.g. the broadcasts and copies outside loops).
+            if not any(kind in line.name for kind in ("XLAEigen", "XLAPjRtCpuClient")):
                 continue
-            threads += 1
             stack = []  # (end, name) of the enclosing events
             for start, end, name in sorted(((e.start_ns, e.start_ns + e.duration_ns, e.name)
                                             for e in line.events), key=lambda x: (x[0], -x[1])):
@@ -69,12 +72,14 @@ def profile_breakdown(trace_dir: str, hlo_text: str, steps: int, groups: dict, t
                 self_ns[name] += end - start
                 calls[name] += 1
                 stack.append((end, name))
-    self_ns.pop("ThunkExecutor::Execute", None)  # the executor's own frames, not an op
+    for frame in [n for n in self_ns if n.startswith("ThunkExecutor") or "::Await" in n]:
+        del self_ns[frame]  # the executor's own frames and its waits, not ops
     for name, ns in self_ns.items():
         per_group[group.get(name) or "other"] += ns / 1e9 / steps
     ops = [(ns / 1e9 / steps, calls[name] // steps, name, source.get(name, ""))
            for name, ns in self_ns.most_common(top)]
-    return dict(per_group), ops, sum(self_ns.values()) / 1e9 / steps, threads
+    return (dict(per_group), ops, sum(self_ns.values()) / 1e9 / steps,
+            len(os.sched_getaffinity(0)))
 
 
 def _op_groups(hlo_text: str, groups: dict) -> tuple[dict, dict]:

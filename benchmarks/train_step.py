@@ -84,9 +84,9 @@ def jax_step_seconds(train_cfg, batch, mesh_sizes, repeats, profile_dir=None):
 
 
 def print_profile(profile, step_s):
-    per_group, ops, busy, threads = profile
-    print(f"\nprofile: {busy * 1e3:.0f} ms of op time per step on {threads} XLA threads "
-          f"({busy / (step_s * max(threads, 1)):.0%} busy over the {step_s * 1e3:.0f} ms step)")
+    per_group, ops, busy, cores = profile
+    print(f"\nprofile: {busy * 1e3:.0f} ms of op time per step on {cores} cores "
+          f"({busy / (step_s * cores):.0%} busy over the {step_s * 1e3:.0f} ms step)")
     for label, sec in sorted(per_group.items(), key=lambda kv: -kv[1]):
         print(f"  {label:20s} {sec * 1e3:8.1f} ms  {sec / busy:6.1%}")
     print("  largest ops (self time per step, calls per step, op, source):")
