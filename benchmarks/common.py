@@ -44,42 +44,70 @@ def profile_breakdown(trace_dir: str, hlo_text: str, steps: int, groups: dict, t
     body) on the host's XLA threads, per step. An op belongs to the first of `groups` (label ->
     a substring of source names in `hlo_text`, the compiled module's text) that its own source
     name or that of an op it runs inside (a loop, a branch) contains, else to "other": the ops
-    in a loop's body carry no source names of their own. Returns (seconds per group, the `top`
-    ops as (seconds, calls per step, op, source name), busy thread-seconds per step, the cores
-    this process may run on). A thread in the executor's own frames or waiting (for a loop's
-    body, for YNNPACK's helpers: `SlinkyThreadPool::Await`) is not busy.
+    in a loop's body carry no source names of their own. A thread in the executor's own frames
+    or waiting (for a loop's body, for YNNPACK's helpers: `SlinkyThreadPool::Await`) is not
+    busy. Returns (seconds per group, the `top` ops as (seconds, calls per step, op, source
+    name), busy thread-seconds per step, the cores this process may run on, seconds per step
+    with 0, 1 and 2 or more ops running at once).
     """
     import collections
     import glob
 
     group, source = _op_groups(hlo_text, groups)
     path = max(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)
-    self_ns, calls = collections.Counter(), collections.Counter()
-    per_group = collections.Counter()
+    self_ns, calls, edges = collections.Counter(), collections.Counter(), []
     for plane in jax.profiler.ProfileData.from_file(path).planes:
         for line in plane.lines:
             # XLA:CPU runs ops on its intra-op pool and on the PjRt client's threads (which take
             # e.g. the broadcasts and copies outside loops).
             if not any(kind in line.name for kind in ("XLAEigen", "XLAPjRtCpuClient")):
                 continue
-            stack = []  # (end, name) of the enclosing events
-            for start, end, name in sorted(((e.start_ns, e.start_ns + e.duration_ns, e.name)
-                                            for e in line.events), key=lambda x: (x[0], -x[1])):
-                while stack and stack[-1][0] <= start:
-                    stack.pop()
-                if stack:
-                    self_ns[stack[-1][1]] -= end - start
+            events = [(e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events]
+            for start, end, name in _innermost(events):
                 self_ns[name] += end - start
+                if not _is_frame(name):
+                    edges += [(start, 1), (end, -1)]
+            for _, _, name in events:
                 calls[name] += 1
-                stack.append((end, name))
-    for frame in [n for n in self_ns if n.startswith("ThunkExecutor") or "::Await" in n]:
-        del self_ns[frame]  # the executor's own frames and its waits, not ops
+    for frame in [n for n in self_ns if _is_frame(n)]:
+        del self_ns[frame]
+    per_group = collections.Counter()
     for name, ns in self_ns.items():
         per_group[group.get(name) or "other"] += ns / 1e9 / steps
     ops = [(ns / 1e9 / steps, calls[name] // steps, name, source.get(name, ""))
            for name, ns in self_ns.most_common(top)]
+    running, level, last = collections.Counter(), 0, None
+    for t, step in sorted(edges):
+        if last is not None:
+            running[min(level, 2)] += (t - last) / 1e9 / steps
+        level, last = level + step, t
     return (dict(per_group), ops, sum(self_ns.values()) / 1e9 / steps,
-            len(os.sched_getaffinity(0)))
+            len(os.sched_getaffinity(0)), [running[k] for k in range(3)])
+
+
+def _is_frame(name: str) -> bool:
+    """The thunk executor's own frames and its waits: not ops."""
+    return name.startswith("ThunkExecutor") or "::Await" in name
+
+
+def _innermost(events):
+    """[(start, end, name)] of one thread, nested -> the same span cut into segments, each
+    named by the innermost event covering it (its self time)."""
+    segments, stack, cursor = [], [], 0
+    for start, end, name in sorted(events, key=lambda x: (x[0], -x[1])):
+        while stack and stack[-1][0] <= start:  # events that ended before this one began
+            done_end, done_name = stack.pop()
+            segments.append((cursor, done_end, done_name))
+            cursor = done_end
+        if stack:
+            segments.append((cursor, start, stack[-1][1]))
+        stack.append((end, name))
+        cursor = start
+    while stack:
+        done_end, done_name = stack.pop()
+        segments.append((cursor, done_end, done_name))
+        cursor = done_end
+    return [seg for seg in segments if seg[1] > seg[0]]
 
 
 def _op_groups(hlo_text: str, groups: dict) -> tuple[dict, dict]:

@@ -84,9 +84,11 @@ def jax_step_seconds(train_cfg, batch, mesh_sizes, repeats, profile_dir=None):
 
 
 def print_profile(profile, step_s):
-    per_group, ops, busy, cores = profile
+    per_group, ops, busy, cores, running = profile
     print(f"\nprofile: {busy * 1e3:.0f} ms of op time per step on {cores} cores "
-          f"({busy / (step_s * cores):.0%} busy over the {step_s * 1e3:.0f} ms step)")
+          f"({busy / (step_s * cores):.0%} busy over the {step_s * 1e3:.0f} ms step); ops "
+          f"running at once: none {running[0] * 1e3:.0f} ms, one {running[1] * 1e3:.0f} ms, two "
+          f"or more {running[2] * 1e3:.0f} ms")
     for label, sec in sorted(per_group.items(), key=lambda kv: -kv[1]):
         print(f"  {label:20s} {sec * 1e3:8.1f} ms  {sec / busy:6.1%}")
     print("  largest ops (self time per step, calls per step, op, source):")
