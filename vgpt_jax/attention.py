@@ -45,7 +45,9 @@ import jax.numpy as jnp
 from vgpt_jax.config import AttentionConfig
 from vgpt_jax.layout import ConditionLayout, TokenMeta
 
-_NEG = -1e30  # finite, so fully masked tiles give exp(.) = 0 instead of NaN
+# Finite: the blockwise running max starts here, so exp(m - m_new) is never exp(-inf + inf);
+# in the condition softmax, masked scores, so a row with no visible key gives 0, not NaN.
+_NEG = -1e30
 
 
 def visible(q: TokenMeta, k: TokenMeta, block_len: int) -> jax.Array:
