@@ -22,7 +22,8 @@ def random_problem(seed, batch=2, heads=2, kv_heads=2, dim=8):
     return q, k, v, meta, L
 
 
-# tiles per step 2 and 3: the tile loops' last step of an odd count carries padding slots.
+# 2 and 3 tiles per step: a row's (column's) count that the group does not divide leaves a
+# remainder, visited one tile per step.
 @pytest.mark.parametrize("seed, bq, bk, per_step", [(0, 8, 8, 1), (1, 8, 8, 2), (2, 7, 13, 2),
                                                     (3, 6, 6, 3), (4, 5, 64, 2),
                                                     (5, 1024, 1024, 2)])

@@ -372,9 +372,7 @@ def _flash_bwd(L, tile_q, tile_k, group, res, do):
                 s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j, preferred_element_type=jnp.float32)
                 if masked:
                     s = jnp.where(_tile_mask(qm_i, km_j, L), s, -jnp.inf)  # as the forward
-                    p = jnp.exp(s - lse_i[..., None])
-                else:
-                    p = jnp.exp(s - lse_i[..., None])
+                p = jnp.exp(s - lse_i[..., None])
                 dof = do_i.astype(jnp.float32)
                 ds = p * (jnp.einsum("bhqd,bhkd->bhqk", dof, vf) - delta_i[..., None])
                 return (dk + jnp.einsum("bhqk,bhqd->bhkd", ds, q_i.astype(jnp.float32)),
