@@ -14,6 +14,8 @@ CORE = [
     "av>=14",
     "numpy>=1.26",
     "scipy>=1.11",
+    # SGEMM for the native CPU attention kernel (vgpt_jax/attention_cpu.py).
+    "scipy-openblas32>=0.3.27",
     "absl-py",
     "tqdm",
     "tensorboardX",
@@ -57,6 +59,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["vgpt_jax", "vgpt_jax.*"]),
+    # The CPU attention kernel's source, compiled on first use (vgpt_jax/attention_cpu.py).
+    package_data={"vgpt_jax": ["csrc/*.cc"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["vgpt=vgpt_jax.cli:main"]},

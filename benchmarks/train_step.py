@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import measured_matmul_peak, profile_breakdown  # noqa: E402
-from vgpt_jax import attention, config, layout, sharding, train  # noqa: E402
+from vgpt_jax import attention, attention_cpu, config, layout, sharding, train  # noqa: E402
 
 # Stage 4 trains on 320x176 video; the SDXL VAE (8x down) gives 40x22 latent frames.
 MODES = {"16f": dict(frames=16, latent_hw=(16, 16)), "48f": dict(frames=48, latent_hw=(16, 16)),
@@ -150,6 +150,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--attention", default="blockwise",
                    choices=("auto", "dense", "blockwise", "dot_product"))
+    p.add_argument("--no-cpu-kernel", action="store_true",
+                   help="blockwise attention in JAX's tile loops, not the native CPU kernel")
     p.add_argument("--tile", type=int, default=0,
                    help="blockwise attention tile, tokens (0: AttentionConfig's)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -178,6 +180,7 @@ def main(argv=None):
     train_cfg.mesh.ici.fsdp = 1
     mc = train_cfg.model
     mc.attention.impl = args.attention
+    mc.attention.blockwise_cpu_kernel = not args.no_cpu_kernel
     if args.tile:
         mc.attention.blockwise_tile = args.tile
     mc.dtype = args.dtype
@@ -216,6 +219,9 @@ def main(argv=None):
           f"tokens/sample, {attended:.0f} keys/query on average; load {os.getloadavg()[0]:.1f}")
     rows = []
     backend = attention.resolve_impl(cfg.attention, lay.num_tokens)
+    if backend == "blockwise" and cfg.attention.blockwise_cpu_kernel and \
+            attention_cpu.usable(cfg.dtype):
+        backend = "blockwise, CPU kernel"
     sec, comp, jax_peak, profile = jax_step_seconds(train_cfg, batch, mesh_sizes, args.repeats,
                                                     args.profile)
     layers = "unrolled" if args.unrolled else "scan"

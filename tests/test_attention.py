@@ -4,10 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgpt_jax import attention, layout
+from vgpt_jax import attention, attention_cpu, layout
 
 dense = jax.jit(attention.dense_attention, static_argnums=5)
-blockwise = jax.jit(attention.blockwise_attention, static_argnums=(5, 6, 7, 8))
+blockwise = jax.jit(attention.blockwise_attention, static_argnums=(5, 6, 7, 8, 9))
+# Blockwise attention on the native CPU kernel (where it builds: `attention_cpu`) and on JAX's
+# tile loops, both against the dense reference.
+BACKENDS = pytest.mark.parametrize("cpu_kernel", [True, False], ids=["kernel", "jax_loops"])
 
 
 def random_problem(seed, batch=2, heads=2, kv_heads=2, dim=8):
@@ -27,10 +30,11 @@ def random_problem(seed, batch=2, heads=2, kv_heads=2, dim=8):
 @pytest.mark.parametrize("seed, bq, bk, per_step", [(0, 8, 8, 1), (1, 8, 8, 2), (2, 7, 13, 2),
                                                     (3, 6, 6, 3), (4, 5, 64, 2),
                                                     (5, 1024, 1024, 2)])
-def test_blockwise_equals_dense(seed, bq, bk, per_step):
+@BACKENDS
+def test_blockwise_equals_dense(seed, bq, bk, per_step, cpu_kernel):
     q, k, v, meta, L = random_problem(seed)
     want = dense(q, k, v, meta, meta, L)
-    got = blockwise(q, k, v, meta, meta, L, bq, bk, per_step)
+    got = blockwise(q, k, v, meta, meta, L, bq, bk, per_step, cpu_kernel)
     real = np.asarray(meta.valid)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
 
@@ -53,20 +57,22 @@ def test_tile_table_classes_agree_with_the_dense_mask(seed):
 
 
 @pytest.mark.parametrize("seed, bq, bk, per_step", [(6, 8, 16, 1), (7, 9, 7, 2), (8, 6, 6, 3)])
-def test_blockwise_gradients_equal_dense(seed, bq, bk, per_step):
+@BACKENDS
+def test_blockwise_gradients_equal_dense(seed, bq, bk, per_step, cpu_kernel):
     q, k, v, meta, L = random_problem(seed, kv_heads=1)
     w = jnp.asarray(np.random.default_rng(seed).normal(size=q.shape), jnp.float32)
     w = w * meta.valid[..., None, None]  # padding rows carry no loss, as in the model
     f_dense = lambda q, k, v: jnp.sum(attention.dense_attention(q, k, v, meta, meta, L) * w)
     f_block = lambda q, k, v: jnp.sum(
-        attention.blockwise_attention(q, k, v, meta, meta, L, bq, bk, per_step) * w)
+        attention.blockwise_attention(q, k, v, meta, meta, L, bq, bk, per_step, cpu_kernel) * w)
     g_dense = jax.grad(f_dense, argnums=(0, 1, 2))(q, k, v)
     g_block = jax.jit(jax.grad(f_block, argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(g_block, g_dense):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-def test_blockwise_with_a_cache_and_invalid_history():
+@BACKENDS
+def test_blockwise_with_a_cache_and_invalid_history(cpu_kernel):
     """Queries shorter than keys (the sampler), with the history masked out for half the batch."""
     rng = np.random.default_rng(3)
     L, ctx, new = 6, 4, 3
@@ -77,11 +83,33 @@ def test_blockwise_with_a_cache_and_invalid_history():
     q = jnp.asarray(rng.normal(size=(2, new * L, 2, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, (ctx + new) * L, 2, 8)), jnp.float32) for _ in "kv")
     full = dense(q, k, v, qm, km, L)
-    np.testing.assert_allclose(blockwise(q, k, v, qm, km, L, 8, 8), full, atol=1e-5)
+    np.testing.assert_allclose(blockwise(q, k, v, qm, km, L, 8, 8, 2, cpu_kernel), full,
+                               atol=1e-5)
     # Without its history the second sample equals attention over the noisy clip alone.
     second = lambda meta: layout.TokenMeta(*(m[1:] for m in meta))
     alone = dense(q[1:], k[1:, ctx * L:], v[1:, ctx * L:], second(qm), second(qm), L)
     np.testing.assert_allclose(full[1:], alone, atol=1e-6)
+
+
+def _lowers_to_the_kernel(dtype, cpu_kernel=True):
+    q, k, v, meta, L = random_problem(0)
+    f = lambda q, k, v: attention.blockwise_attention(q, k, v, meta, meta, L, 8, 8, 2, cpu_kernel)
+    args = (x.astype(dtype) for x in (q, k, v))
+    return "vgpt_blockwise_attention_fwd" in jax.jit(f).lower(*args).as_text()
+
+
+def test_the_cpu_kernel_runs_where_it_can_and_only_there():
+    """On one CPU device in float32 the blockwise backend calls the kernel (so the tests above
+    compare it with the dense reference); in bfloat16, or switched off, JAX's tile loops."""
+    assert attention_cpu.available(), "the kernel should build on the test machine"
+    assert _lowers_to_the_kernel(jnp.float32)
+    assert not _lowers_to_the_kernel(jnp.float32, cpu_kernel=False)
+    assert not _lowers_to_the_kernel(jnp.bfloat16)
+
+
+def test_a_failed_kernel_build_names_the_compiler():
+    with pytest.raises(RuntimeError, match="no C.. compiler 'no-such-c..'"):
+        attention_cpu.build("no-such-c++")
 
 
 def test_dot_product_backend_equals_dense():

@@ -42,6 +42,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vgpt_jax import attention_cpu
 from vgpt_jax.config import AttentionConfig
 from vgpt_jax.layout import ConditionLayout, TokenMeta
 
@@ -178,15 +179,19 @@ def _arrange_meta(meta: TokenMeta, order, L, tiles_of, pad_frame) -> TokenMeta:
 SKIP, PARTIAL, FULL = 0, 1, 2  # a tile pair: nothing visible, some pairs, every pair
 
 
-def _tile_table(qm: TokenMeta, km: TokenMeta, L: int, tile_q: int, tile_k: int) -> jax.Array:
-    """[nq, nk] int32: SKIP where no query of q tile i (in any sample) sees a key of kv tile j,
-    FULL where every query sees every key (no mask to compute), else PARTIAL.
+def _offset_classes(L: int):
+    """(representative offsets [R], each offset's class [L]): `visible` reads offsets only
+    through comparisons with 0, 1, 2 and L - 1, so offsets 2..L-2 all behave like 2, and one
+    representative per class gives each block pair's visibility exactly."""
+    reps = sorted({0, 1, min(2, L - 1), L - 1})
+    classes = [reps.index(o if o in reps else 2) for o in range(L)]
+    return jnp.asarray(reps, jnp.int32), jnp.asarray(classes, jnp.int32)
 
-    `visible` reads offsets only through comparisons with 0, 1, 2 and L - 1, so one
-    representative offset per class gives each block pair's visibility exactly; the table costs
-    O(NBq * NBk) instead of the O(T * S) of the token mask.
-    """
-    reps = jnp.asarray(sorted({0, 1, min(2, L - 1), L - 1}), jnp.int32)
+
+def _block_pairs(qm: TokenMeta, km: TokenMeta, L: int) -> jax.Array:
+    """[B, NBq, NBk, R, R] bool: whether query offset class r of block a sees key offset class
+    s of block c (`_offset_classes`); O(NBq * NBk), against the O(T * S) token mask."""
+    reps, _ = _offset_classes(L)
 
     def per_offset(meta, axes):  # block fields [B, NB] x offsets [R], expanded on `axes`
         bm = _block_meta(meta, L)
@@ -195,7 +200,13 @@ def _tile_table(qm: TokenMeta, km: TokenMeta, L: int, tile_q: int, tile_k: int) 
         fields.append(jnp.broadcast_to(reps, shape))
         return TokenMeta(*(jnp.expand_dims(f, axes) for f in fields))
 
-    pairs = visible(per_offset(qm, (2, 4)), per_offset(km, (1, 3)), L)  # [B, NBq, NBk, R, R]
+    return visible(per_offset(qm, (2, 4)), per_offset(km, (1, 3)), L)
+
+
+def _tile_table(qm: TokenMeta, km: TokenMeta, L: int, tile_q: int, tile_k: int) -> jax.Array:
+    """[nq, nk] int32: SKIP where no query of q tile i (in any sample) sees a key of kv tile j,
+    FULL where every query sees every key (no mask to compute), else PARTIAL."""
+    pairs = _block_pairs(qm, km, L)
     b, nbq, nbk = pairs.shape[:3]
     tiles = pairs.reshape(b, nbq // tile_q, tile_q, nbk // tile_k, tile_k, -1)
     any_, all_ = tiles.any((0, 2, 4, 5)), tiles.all((0, 2, 4, 5))
@@ -325,14 +336,14 @@ def _arranged(q, k, v, qm, km, L, tile_q, tile_k):
     return q, k, v, qm, km, q_order, kv_order
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _flash(q, k, v, qm, km, L, tile_q, tile_k, group):
-    return _flash_fwd(q, k, v, qm, km, L, tile_q, tile_k, group)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _flash(q, k, v, qm, km, L, tile_q, tile_k, group, kernel):
+    return _flash_fwd(q, k, v, qm, km, L, tile_q, tile_k, group, kernel)[0]
 
 
 # Named, so that a profile (benchmarks/train_step.py --profile) finds the tile loops' ops.
 @functools.partial(jax.named_call, name="blockwise_attention_fwd")
-def _flash_fwd(q, k, v, qm, km, L, tile_q, tile_k, group):
+def _flash_fwd(q, k, v, qm, km, L, tile_q, tile_k, group, kernel):
     # Under a differentiated `lax.scan` (scanned layers) JAX hoists loop-invariant work out of
     # the scan body: everything that depends on the metadata alone, i.e. every tile's mask,
     # stacked over all (q tile, kv tile) pairs: an O(T * S) array. Tying the metadata to q keeps
@@ -340,6 +351,12 @@ def _flash_fwd(q, k, v, qm, km, L, tile_q, tile_k, group):
     q, qm, km = jax.lax.optimization_barrier((q, qm, km))
     t = q.shape[1]
     qa, ka, va, qma, kma, q_order, kv_order = _arranged(q, k, v, qm, km, L, tile_q, tile_k)
+    if kernel:  # `attention_cpu`: the same tiles, visited by a native CPU kernel
+        pairs = _block_pairs(qma, kma, L)
+        o, lse = attention_cpu.forward(qa, ka, va, pairs, _offset_classes(L)[1], L, tile_q,
+                                       tile_k)
+        return _restore(o, q_order, L, t).astype(q.dtype), (qa, ka, va, pairs, o, lse, q_order,
+                                                            kv_order)
     table = _tile_table(qma, kma, L, tile_q, tile_k)
     o, lse = _flash_forward(qa, ka, va, qma, kma, table, L, tile_q * L, tile_k * L, group)
     out = _restore(_untile(o), q_order, L, t)
@@ -347,12 +364,14 @@ def _flash_fwd(q, k, v, qm, km, L, tile_q, tile_k, group):
 
 
 @functools.partial(jax.named_call, name="blockwise_attention_bwd")
-def _flash_bwd(L, tile_q, tile_k, group, res, do):
+def _flash_bwd(L, tile_q, tile_k, group, kernel, res, do):
     """FlashAttention-2 backward: recompute each tile's probabilities from the saved logsumexp,
     for `group` q tiles against one kv tile per step (as the forward groups kv tiles)."""
+    if kernel:
+        return _kernel_bwd(L, tile_q, tile_k, res, do)
     q, k, v, qm, km, table, o, lse, q_order, kv_order = res
     bq, bk = tile_q * L, tile_k * L
-    t, s_len = do.shape[1], kv_order.shape[1] * L
+    t = do.shape[1]
     do_t = _tiles(_arrange(do, q_order, L, tile_q, 0), bq)  # [nq, B, H, bq, D]
     delta = jnp.einsum("nbhqd,nbhqd->nbhq", do_t.astype(jnp.float32), o.astype(jnp.float32))
     qt = _tiles(q, bq)
@@ -392,11 +411,26 @@ def _flash_bwd(L, tile_q, tile_k, group, res, do):
     kmt = TokenMeta(*(_tiles(m, bk) for m in km))
     dq0 = jnp.zeros_like(qt, jnp.float32)
     dq, (dk, dv) = jax.lax.scan(one_k_tile, dq0, (jnp.arange(kt.shape[0]), kt, vt, kmt))
-    dq = _restore(_untile(dq), q_order, L, t).astype(q.dtype)
-    dk = _restore(_untile(dk), kv_order, L, s_len).astype(k.dtype)
-    dv = _restore(_untile(dv), kv_order, L, s_len).astype(v.dtype)
-    none = lambda m: TokenMeta(*(None for _ in m))
-    return dq, dk, dv, none(qm), none(km)
+    return _restored_grads(_untile(dq), _untile(dk), _untile(dv), q_order, kv_order, L, t,
+                           q.dtype)
+
+
+def _restored_grads(dq, dk, dv, q_order, kv_order, L, t, dtype):
+    """Arranged gradients [B, T', H, D] -> the custom VJP's cotangents in layout order."""
+    s_len = kv_order.shape[1] * L
+    none = TokenMeta(*(None for _ in TokenMeta._fields))
+    return (_restore(dq, q_order, L, t).astype(dtype),
+            _restore(dk, kv_order, L, s_len).astype(dtype),
+            _restore(dv, kv_order, L, s_len).astype(dtype), none, none)
+
+
+def _kernel_bwd(L, tile_q, tile_k, res, do):
+    q, k, v, pairs, o, lse, q_order, kv_order = res
+    do_a = _arrange(do, q_order, L, tile_q, 0).astype(jnp.float32)  # [B, T', H, D]
+    delta = jnp.einsum("bthd,bthd->bht", do_a, o)
+    dq, dk, dv = attention_cpu.backward(q, k, v, pairs, _offset_classes(L)[1], lse, do_a, delta,
+                                        L, tile_q, tile_k)
+    return _restored_grads(dq, dk, dv, q_order, kv_order, L, do.shape[1], q.dtype)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -410,12 +444,14 @@ def tile_blocks(tokens: int, block_len: int, num_blocks: int) -> int:
 
 
 def blockwise_attention(q, k, v, q_meta, kv_meta, block_len, block_q=256, block_kv=256,
-                        tiles_per_step=2):
+                        tiles_per_step=2, cpu_kernel=True):
     """Memory-efficient attention: equal to `dense_attention`, without any T x S array.
 
     Metadata must come from `layout.token_meta` (T and S whole frame blocks of `block_len`
     tokens); tiles are `block_q` / `block_kv` tokens rounded to whole blocks, and each tile loop
     step takes `tiles_per_step` visible tiles at once (`AttentionConfig.blockwise_tiles_per_step`).
+    `cpu_kernel`: run the tiles on the native CPU kernel where `attention_cpu.usable` says it
+    can (`AttentionConfig.blockwise_cpu_kernel`); otherwise, and always for False, JAX's loops.
     """
     L = block_len
     if q.shape[1] % L or k.shape[1] % L:
@@ -425,7 +461,8 @@ def blockwise_attention(q, k, v, q_meta, kv_meta, block_len, block_q=256, block_
     tk = tile_blocks(block_kv, L, k.shape[1] // L)
     k, v = _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2])
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    return _flash(q, k, v, q_meta, kv_meta, L, tq, tk, tiles_per_step)
+    kernel = cpu_kernel and attention_cpu.usable(q.dtype)
+    return _flash(q, k, v, q_meta, kv_meta, L, tq, tk, tiles_per_step, kernel)
 
 
 def resolve_impl(cfg: AttentionConfig, num_tokens: int) -> str:
@@ -446,7 +483,8 @@ def attend(q, k, v, q_meta: TokenMeta, kv_meta: TokenMeta, block_len: int,
         return dense_attention(q, k, v, q_meta, kv_meta, block_len)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, q_meta, kv_meta, block_len, cfg.blockwise_tile,
-                                   cfg.blockwise_tile, cfg.blockwise_tiles_per_step)
+                                   cfg.blockwise_tile, cfg.blockwise_tiles_per_step,
+                                   cfg.blockwise_cpu_kernel)
     if impl == "dot_product":
         return dot_product_attention(q, k, v, q_meta, kv_meta, block_len)
     if impl == "splash":

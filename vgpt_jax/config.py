@@ -52,6 +52,10 @@ class AttentionConfig:
     # interleaved runs; forward + backward 226, 253 and 228 ms); the main job's step is the same
     # with 1 and 2 (266 ms best of 45 each).
     blockwise_tiles_per_step: int = 2
+    # Blockwise attention on one CPU device runs its tiles on a native kernel
+    # (`vgpt_jax.attention_cpu`: all cores on every tile; XLA:CPU runs the tile loops' small
+    # dots on one). False, or where the kernel cannot run, the JAX tile loops.
+    blockwise_cpu_kernel: bool = True
     # "auto" up to this many tokens uses dense attention: at 288 tokens dense and blockwise
     # tie; at 576 (the main job's 16 frames) blockwise is 1.2x faster per train step, at 2112
     # ~8x (it skips ~2/3 of the tiles).

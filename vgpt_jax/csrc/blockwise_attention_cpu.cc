@@ -1,0 +1,338 @@
+// Block-sparse attention for the CPU: the forward and backward of `vgpt_jax.attention`'s
+// blockwise backend as two XLA FFI handlers (`vgpt_jax.attention_cpu` builds, loads and calls
+// them; the pure-JAX tile loops stay the reference and the fallback).
+//
+// Why a kernel: XLA:CPU runs each tile loop step's small batched dots on one core and starts
+// big dots beside other ops on one core too, so a 48-frame train step kept its 2 cores about
+// half busy. Here one call spreads the (sample, head, tile) work items over all cores, each
+// running single-threaded SGEMMs (OpenBLAS, whose function pointer Python hands in) on whole
+// tiles.
+//
+// Inputs are already in the blockwise backend's arranged order (noisy blocks first, padded to
+// whole tiles), in the model's [B, T, H, D] layout, q pre-scaled by 1/sqrt(D). The mask comes
+// as `pairs` [B, NBq, NBk, R, R] (uint8): for each (query block, key block) pair, visibility for
+// each pair of offset classes; `offset_class` [L] maps an in-block offset to its class. The
+// mask rule itself (`attention.visible`) is evaluated in JAX on those representatives only, so
+// it is written once.
+//
+// Numerics follow the JAX tile loops: float32 scores, an online softmax whose running max
+// starts at -1e30, masked scores -inf (exp gives exactly 0), lse = +inf for a row that sees no
+// key (its output and gradients are 0).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// cblas_sgemm with 32-bit ints (scipy-openblas32's scipy_cblas_sgemm); row-major only.
+using Sgemm = void (*)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                       const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                       int ldc);
+Sgemm g_sgemm = nullptr;
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+constexpr float kNeg = -1e30f;  // the running max's start (finite: exp(m - m_new) is never NaN)
+constexpr uint8_t kSkip = 0, kPartial = 1, kFull = 2;
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  g_sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, int(m), int(n), int(k),
+          1.0f, a, int(lda), b, int(ldb), beta, c, int(ldc));
+}
+
+// exp for x <= 0 (scores minus their row's max or logsumexp): exactly 0 below -86 and for
+// -inf; Cephes' expf polynomial, which the compiler vectorises (a libm call would not be,
+// without -ffast-math, whose finite-math assumption the -inf scores break). Rounding by the
+// 1.5 * 2^23 trick, as floor / nearbyint vectorise only under relaxed math flags.
+inline float exp_nonpositive(float x) {
+  const bool zero = !(x > -86.0f);  // -inf, and anything whose exp is below float's normal range
+  x = zero ? 0.0f : x;
+  constexpr float kRound = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  float f = x - n * 0.693359375f;
+  f = f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += int32_t(n) << 23;
+  std::memcpy(&p, &bits, 4);
+  return zero ? 0.0f : p;
+}
+
+// max(init, x[0..n)): 16 running maxima, so the compiler emits vector maxes (a max reduction
+// loop stays scalar without -ffast-math, and was half of the forward's own time).
+inline float row_max(const float* x, int64_t n, float init) {
+  float part[16];
+  std::fill(part, part + 16, init);
+  int64_t at = 0;
+  for (; at + 16 <= n; at += 16)
+    for (int e = 0; e < 16; ++e) part[e] = part[e] > x[at + e] ? part[e] : x[at + e];
+  for (; at < n; ++at) part[0] = part[0] > x[at] ? part[0] : x[at];
+  return *std::max_element(part, part + 16);
+}
+
+struct Geometry {
+  int64_t B, T, S, H, D, L, R, tile_q, tile_k;  // tile_q / tile_k: blocks per tile
+  int64_t bq() const { return tile_q * L; }
+  int64_t bk() const { return tile_k * L; }
+  int64_t nq() const { return T / bq(); }
+  int64_t nk() const { return S / bk(); }
+  int64_t nbq() const { return T / L; }
+  int64_t nbk() const { return S / L; }
+  int64_t row() const { return H * D; }  // stride between tokens in [B, T, H, D]
+};
+
+// Per sample and tile pair: SKIP, PARTIAL or FULL, from the block-pair table.
+std::vector<uint8_t> tile_classes(const Geometry& g, const uint8_t* pairs) {
+  std::vector<uint8_t> cls(g.B * g.nq() * g.nk());
+  const int64_t rr = g.R * g.R;
+  for (int64_t b = 0; b < g.B; ++b)
+    for (int64_t i = 0; i < g.nq(); ++i)
+      for (int64_t j = 0; j < g.nk(); ++j) {
+        bool any = false, all = true;
+        for (int64_t a = i * g.tile_q; a < (i + 1) * g.tile_q; ++a)
+          for (int64_t c = j * g.tile_k; c < (j + 1) * g.tile_k; ++c) {
+            const uint8_t* p = pairs + ((b * g.nbq() + a) * g.nbk() + c) * rr;
+            for (int64_t e = 0; e < rr; ++e) {
+              any |= p[e] != 0;
+              all &= p[e] != 0;
+            }
+          }
+        cls[(b * g.nq() + i) * g.nk() + j] = all ? kFull : (any ? kPartial : kSkip);
+      }
+  return cls;
+}
+
+// Scores [bq, bk] of tile (i, j) of sample b: -inf where the mask hides the pair. A query
+// block's rows of one offset class share their mask, so it is expanded once per (query block,
+// class) into `bias` [tile_k * L] (0 or -inf) and added to each such row: a vectorised add
+// instead of a table lookup per score.
+void apply_mask(const Geometry& g, const uint8_t* pairs, const int32_t* offset_class, int64_t b,
+                int64_t i, int64_t j, float* s, float* bias) {
+  const int64_t L = g.L, bk = g.bk();
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t qb = 0; qb < g.tile_q; ++qb) {
+    const int64_t a = i * g.tile_q + qb;
+    for (int64_t ca = 0; ca < g.R; ++ca) {
+      for (int64_t cb = 0; cb < g.tile_k; ++cb) {
+        const uint8_t* p =
+            pairs + ((b * g.nbq() + a) * g.nbk() + j * g.tile_k + cb) * g.R * g.R + ca * g.R;
+        for (int64_t o = 0; o < L; ++o) bias[cb * L + o] = p[offset_class[o]] ? 0.0f : neg_inf;
+      }
+      for (int64_t o = 0; o < L; ++o) {
+        if (offset_class[o] != ca) continue;
+        float* srow = s + (qb * L + o) * bk;
+#pragma omp simd
+        for (int64_t x = 0; x < bk; ++x) srow[x] += bias[x];
+      }
+    }
+  }
+}
+
+// Runs fn(thread, item) for item in [0, n) on `threads` threads (this one included), items
+// handed out one at a time so uneven rows (clean history grows along the video) balance.
+template <typename Fn>
+void parallel_for(int64_t n, int64_t threads, Fn fn) {
+  threads = std::max<int64_t>(1, std::min(threads, n));
+  std::atomic<int64_t> next{0};
+  auto work = [&](int64_t t) {
+    for (int64_t item; (item = next.fetch_add(1)) < n;) fn(t, item);
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  work(0);
+  for (auto& th : pool) th.join();
+}
+
+Geometry geometry(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                  ffi::Buffer<ffi::U8>& pairs, int64_t block_len, int64_t tile_q,
+                  int64_t tile_k) {
+  auto qd = q.dimensions(), kd = k.dimensions(), pd = pairs.dimensions();
+  return Geometry{qd[0], qd[1], kd[1], qd[2], qd[3], block_len, pd[4], tile_q, tile_k};
+}
+
+ffi::Error check(const Geometry& g, ffi::Buffer<ffi::S32>& offset_class) {
+  if (!g_sgemm) return ffi::Error::InvalidArgument("vgpt blockwise CPU kernel: no SGEMM set");
+  if (g.T % g.bq() || g.S % g.bk() || offset_class.element_count() != size_t(g.L))
+    return ffi::Error::InvalidArgument("vgpt blockwise CPU kernel: shapes are not whole tiles");
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::U8> pairs, ffi::Buffer<ffi::S32> offset_class,
+                   int64_t block_len, int64_t tile_q, int64_t tile_k, int64_t threads,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  const Geometry g = geometry(q, k, pairs, block_len, tile_q, tile_k);
+  if (auto e = check(g, offset_class); e.failure()) return e;
+  const auto cls = tile_classes(g, pairs.typed_data());
+  const int64_t bq = g.bq(), bk = g.bk(), D = g.D, ld = g.row();
+  const float *Q = q.typed_data(), *K = k.typed_data(), *V = v.typed_data();
+  float *O = out->typed_data(), *LSE = lse->typed_data();
+  std::vector<std::vector<float>> scratch(std::max<int64_t>(1, threads));
+
+  // One item: a (sample, head, q tile) row, online softmax over its visible kv tiles.
+  parallel_for(g.B * g.H * g.nq(), threads, [&](int64_t t, int64_t item) {
+    const int64_t i = item % g.nq(), h = (item / g.nq()) % g.H, b = item / (g.nq() * g.H);
+    auto& buf = scratch[t];
+    buf.resize(bq * bk + bq * D + 2 * bq + bk);
+    float *s = buf.data(), *acc = s + bq * bk, *m = acc + bq * D, *l = m + bq, *bias = l + bq;
+    std::fill(acc, acc + bq * D, 0.0f);
+    std::fill(m, m + bq, kNeg);
+    std::fill(l, l + bq, 0.0f);
+    const float* q_i = Q + ((b * g.T + i * bq) * g.H + h) * D;
+    for (int64_t j = 0; j < g.nk(); ++j) {
+      const uint8_t c = cls[(b * g.nq() + i) * g.nk() + j];
+      if (c == kSkip) continue;
+      const float* k_j = K + ((b * g.S + j * bk) * g.H + h) * D;
+      const float* v_j = V + ((b * g.S + j * bk) * g.H + h) * D;
+      gemm(false, true, bq, bk, D, q_i, ld, k_j, ld, 0.0f, s, bk);
+      if (c == kPartial)
+        apply_mask(g, pairs.typed_data(), offset_class.typed_data(), b, i, j, s, bias);
+      for (int64_t r = 0; r < bq; ++r) {
+        float* sr = s + r * bk;
+        const float mx = row_max(sr, bk, m[r]);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t x = 0; x < bk; ++x) {
+          sr[x] = exp_nonpositive(sr[x] - mx);
+          sum += sr[x];
+        }
+        const float corr = exp_nonpositive(m[r] - mx);
+        l[r] = l[r] * corr + sum;
+        m[r] = mx;
+        for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= corr;
+      }
+      gemm(false, false, bq, D, bk, s, bk, v_j, ld, 1.0f, acc, D);
+    }
+    for (int64_t r = 0; r < bq; ++r) {
+      float* o_r = O + ((b * g.T + i * bq + r) * g.H + h) * D;
+      const bool seen = l[r] > 0.0f;
+      const float inv = seen ? 1.0f / l[r] : 0.0f;
+      for (int64_t d = 0; d < D; ++d) o_r[d] = acc[r * D + d] * inv;
+      LSE[(b * g.H + h) * g.T + i * bq + r] =
+          seen ? m[r] + std::log(l[r]) : std::numeric_limits<float>::infinity();
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::U8> pairs, ffi::Buffer<ffi::S32> offset_class,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                    ffi::Buffer<ffi::F32> delta, int64_t block_len, int64_t tile_q,
+                    int64_t tile_k, int64_t threads, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  const Geometry g = geometry(q, k, pairs, block_len, tile_q, tile_k);
+  if (auto e = check(g, offset_class); e.failure()) return e;
+  const auto cls = tile_classes(g, pairs.typed_data());
+  const int64_t bq = g.bq(), bk = g.bk(), D = g.D, ld = g.row();
+  const float *Q = q.typed_data(), *K = k.typed_data(), *V = v.typed_data();
+  const float *LSE = lse.typed_data(), *DO = dout.typed_data(), *DELTA = delta.typed_data();
+  float *DQ = dq->typed_data(), *DK = dk->typed_data(), *DV = dv->typed_data();
+  std::fill(DQ, DQ + dq->element_count(), 0.0f);
+  // dq tiles get contributions from every kv tile that a q tile sees, from any thread.
+  std::vector<std::mutex> dq_locks(g.B * g.H * g.nq());
+  std::vector<std::vector<float>> scratch(std::max<int64_t>(1, threads));
+
+  // One item: a (sample, head, kv tile) column; FlashAttention-2's backward over the q tiles
+  // that see it, recomputing each tile's probabilities from the saved logsumexp.
+  parallel_for(g.B * g.H * g.nk(), threads, [&](int64_t t, int64_t item) {
+    const int64_t j = item % g.nk(), h = (item / g.nk()) % g.H, b = item / (g.nk() * g.H);
+    auto& buf = scratch[t];
+    buf.resize(2 * bq * bk + 2 * bk * D + bq * D + bk);
+    float *p = buf.data(), *ds = p + bq * bk, *dk_j = ds + bq * bk, *dv_j = dk_j + bk * D,
+          *dq_i = dv_j + bk * D, *bias = dq_i + bq * D;
+    std::fill(dk_j, dk_j + 2 * bk * D, 0.0f);
+    const float* k_j = K + ((b * g.S + j * bk) * g.H + h) * D;
+    const float* v_j = V + ((b * g.S + j * bk) * g.H + h) * D;
+    for (int64_t i = 0; i < g.nq(); ++i) {
+      const uint8_t c = cls[(b * g.nq() + i) * g.nk() + j];
+      if (c == kSkip) continue;
+      const float* q_i = Q + ((b * g.T + i * bq) * g.H + h) * D;
+      const float* do_i = DO + ((b * g.T + i * bq) * g.H + h) * D;
+      const float* lse_i = LSE + (b * g.H + h) * g.T + i * bq;
+      const float* delta_i = DELTA + (b * g.H + h) * g.T + i * bq;
+      gemm(false, true, bq, bk, D, q_i, ld, k_j, ld, 0.0f, p, bk);
+      if (c == kPartial)
+        apply_mask(g, pairs.typed_data(), offset_class.typed_data(), b, i, j, p, bias);
+      for (int64_t r = 0; r < bq; ++r) {
+        float* pr = p + r * bk;
+        const float lr = lse_i[r];
+#pragma omp simd
+        for (int64_t x = 0; x < bk; ++x) pr[x] = exp_nonpositive(pr[x] - lr);
+      }
+      gemm(true, false, bk, D, bq, p, bk, do_i, ld, 1.0f, dv_j, D);        // dv += p^T do
+      gemm(false, true, bq, bk, D, do_i, ld, v_j, ld, 0.0f, ds, bk);       // dp = do v^T
+      for (int64_t r = 0; r < bq; ++r) {
+        const float dr = delta_i[r];
+        float *dsr = ds + r * bk, *pr = p + r * bk;
+#pragma omp simd
+        for (int64_t x = 0; x < bk; ++x) dsr[x] = pr[x] * (dsr[x] - dr);   // ds = p (dp - delta)
+      }
+      gemm(true, false, bk, D, bq, ds, bk, q_i, ld, 1.0f, dk_j, D);        // dk += ds^T q
+      gemm(false, false, bq, D, bk, ds, bk, k_j, ld, 0.0f, dq_i, D);       // dq_i = ds k
+      std::lock_guard<std::mutex> lock(dq_locks[(b * g.H + h) * g.nq() + i]);
+      for (int64_t r = 0; r < bq; ++r) {
+        float* dst = DQ + ((b * g.T + i * bq + r) * g.H + h) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] += dq_i[r * D + d];
+      }
+    }
+    for (int64_t r = 0; r < bk; ++r) {
+      const int64_t at = ((b * g.S + j * bk + r) * g.H + h) * D;
+      std::memcpy(DK + at, dk_j + r * D, D * sizeof(float));
+      std::memcpy(DV + at, dv_j + r * D, D * sizeof(float));
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" void vgpt_set_sgemm(void* sgemm) { g_sgemm = reinterpret_cast<Sgemm>(sgemm); }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VgptBlockwiseForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("block_len")
+                                  .Attr<int64_t>("tile_q")
+                                  .Attr<int64_t>("tile_k")
+                                  .Attr<int64_t>("threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VgptBlockwiseBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block_len")
+                                  .Attr<int64_t>("tile_q")
+                                  .Attr<int64_t>("tile_k")
+                                  .Attr<int64_t>("threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
