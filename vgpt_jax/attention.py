@@ -30,7 +30,9 @@ Backends, one signature (`attend`), chosen by `AttentionConfig.impl`:
 - "blockwise": flash-style online softmax over (q-tile, kv-tile) tiles of whole frame blocks,
   noisy blocks first, with a custom VJP; a per-block visibility table skips fully masked tiles
   and the token mask is computed inside visible tiles only, so neither the T x T mask nor the
-  score matrix is ever materialised (memory O(T * D)).
+  score matrix is ever materialised (memory O(T * D)). On one CPU device in float32 the tiles
+  run on a native kernel (`vgpt_jax.attention_cpu`) that keeps every core busy; elsewhere, and
+  as the reference, in JAX's tile loops.
 - "dot_product": `jax.nn.dot_product_attention` (cuDNN flash attention on GPU) with a dense
   boolean mask: the GPU hook for moderate lengths.
 - "splash": the Pallas TPU splash kernel (`vgpt_jax.attention_splash`), the default on TPU.

@@ -4,7 +4,8 @@
 //
 // Why a kernel: XLA:CPU runs each tile loop step's small batched dots on one core and starts
 // big dots beside other ops on one core too, so a 48-frame train step kept its 2 cores about
-// half busy. Here one call spreads the (sample, head, tile) work items over all cores, each
+// half busy. Here one call spreads its work items over all cores: (sample, head, q tile) rows
+// in the forward, (sample, head) pairs in the backward (so that dq sums in a fixed order), each
 // running single-threaded SGEMMs (OpenBLAS, whose function pointer Python hands in) on whole
 // tiles.
 //
@@ -24,7 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -166,10 +167,30 @@ Geometry geometry(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
   return Geometry{qd[0], qd[1], kd[1], qd[2], qd[3], block_len, pd[4], tile_q, tile_k};
 }
 
-ffi::Error check(const Geometry& g, ffi::Buffer<ffi::S32>& offset_class) {
-  if (!g_sgemm) return ffi::Error::InvalidArgument("vgpt blockwise CPU kernel: no SGEMM set");
-  if (g.T % g.bq() || g.S % g.bk() || offset_class.element_count() != size_t(g.L))
-    return ffi::Error::InvalidArgument("vgpt blockwise CPU kernel: shapes are not whole tiles");
+// Shapes the Python wrapper guarantees, checked so a misuse fails with a message rather than
+// reading out of bounds.
+ffi::Error check(const Geometry& g, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                 ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::U8>& pairs,
+                 ffi::Buffer<ffi::S32>& offset_class, int64_t threads) {
+  auto bad = [](const char* what) {
+    return ffi::Error::InvalidArgument(std::string("vgpt blockwise CPU kernel: ") + what);
+  };
+  if (!g_sgemm) return bad("no SGEMM set");
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), pd = pairs.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || pd.size() != 5)
+    return bad("expected q, k, v [B, T, H, D] and pairs [B, NBq, NBk, R, R]");
+  if (kd[0] != g.B || kd[2] != g.H || kd[3] != g.D || vd[0] != kd[0] || vd[1] != kd[1] ||
+      vd[2] != kd[2] || vd[3] != kd[3])
+    return bad("k and v must match q's batch, heads and head size, and each other");
+  if (g.L <= 0 || g.tile_q <= 0 || g.tile_k <= 0 || g.T % g.bq() || g.S % g.bk())
+    return bad("the sequences are not whole tiles of whole blocks");
+  if (pd[0] != g.B || pd[1] != g.nbq() || pd[2] != g.nbk() || pd[3] != g.R)
+    return bad("pairs must be [B, T / L, S / L, R, R]");
+  if (offset_class.element_count() != size_t(g.L)) return bad("offset_class must have L entries");
+  for (size_t o = 0; o < offset_class.element_count(); ++o)
+    if (offset_class.typed_data()[o] < 0 || offset_class.typed_data()[o] >= g.R)
+      return bad("offset_class entries must be classes in [0, R)");
+  if (threads < 1) return bad("threads must be at least 1");
   return ffi::Error::Success();
 }
 
@@ -178,7 +199,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
                    int64_t block_len, int64_t tile_q, int64_t tile_k, int64_t threads,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   const Geometry g = geometry(q, k, pairs, block_len, tile_q, tile_k);
-  if (auto e = check(g, offset_class); e.failure()) return e;
+  if (auto e = check(g, q, k, v, pairs, offset_class, threads); e.failure()) return e;
   const auto cls = tile_classes(g, pairs.typed_data());
   const int64_t bq = g.bq(), bk = g.bk(), D = g.D, ld = g.row();
   const float *Q = q.typed_data(), *K = k.typed_data(), *V = v.typed_data();
@@ -238,64 +259,71 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
                     int64_t tile_k, int64_t threads, ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   const Geometry g = geometry(q, k, pairs, block_len, tile_q, tile_k);
-  if (auto e = check(g, offset_class); e.failure()) return e;
+  if (auto e = check(g, q, k, v, pairs, offset_class, threads); e.failure()) return e;
+  const size_t rows = size_t(g.B * g.H * g.T);
+  if (lse.element_count() != rows || delta.element_count() != rows ||
+      dout.element_count() != q.element_count())
+    return ffi::Error::InvalidArgument(
+        "vgpt blockwise CPU kernel: lse and delta must be [B, H, T], dout like q");
   const auto cls = tile_classes(g, pairs.typed_data());
   const int64_t bq = g.bq(), bk = g.bk(), D = g.D, ld = g.row();
   const float *Q = q.typed_data(), *K = k.typed_data(), *V = v.typed_data();
   const float *LSE = lse.typed_data(), *DO = dout.typed_data(), *DELTA = delta.typed_data();
   float *DQ = dq->typed_data(), *DK = dk->typed_data(), *DV = dv->typed_data();
   std::fill(DQ, DQ + dq->element_count(), 0.0f);
-  // dq tiles get contributions from every kv tile that a q tile sees, from any thread.
-  std::vector<std::mutex> dq_locks(g.B * g.H * g.nq());
   std::vector<std::vector<float>> scratch(std::max<int64_t>(1, threads));
 
-  // One item: a (sample, head, kv tile) column; FlashAttention-2's backward over the q tiles
-  // that see it, recomputing each tile's probabilities from the saved logsumexp.
-  parallel_for(g.B * g.H * g.nk(), threads, [&](int64_t t, int64_t item) {
-    const int64_t j = item % g.nk(), h = (item / g.nk()) % g.H, b = item / (g.nk() * g.H);
+  // One item: a (sample, head) pair, whose kv tiles run FlashAttention-2's backward over the q
+  // tiles that see them, recomputing each tile's probabilities from the saved logsumexp. One
+  // thread owns a pair's dq, so its sums run in a fixed order: the gradients are bitwise the
+  // same from run to run (the training loop's resume equality relies on it), which finer items
+  // sharing dq tiles across threads would not give. With fewer pairs than cores, some idle.
+  parallel_for(g.B * g.H, threads, [&](int64_t t, int64_t item) {
+    const int64_t h = item % g.H, b = item / g.H;
     auto& buf = scratch[t];
     buf.resize(2 * bq * bk + 2 * bk * D + bq * D + bk);
     float *p = buf.data(), *ds = p + bq * bk, *dk_j = ds + bq * bk, *dv_j = dk_j + bk * D,
           *dq_i = dv_j + bk * D, *bias = dq_i + bq * D;
-    std::fill(dk_j, dk_j + 2 * bk * D, 0.0f);
-    const float* k_j = K + ((b * g.S + j * bk) * g.H + h) * D;
-    const float* v_j = V + ((b * g.S + j * bk) * g.H + h) * D;
-    for (int64_t i = 0; i < g.nq(); ++i) {
-      const uint8_t c = cls[(b * g.nq() + i) * g.nk() + j];
-      if (c == kSkip) continue;
-      const float* q_i = Q + ((b * g.T + i * bq) * g.H + h) * D;
-      const float* do_i = DO + ((b * g.T + i * bq) * g.H + h) * D;
-      const float* lse_i = LSE + (b * g.H + h) * g.T + i * bq;
-      const float* delta_i = DELTA + (b * g.H + h) * g.T + i * bq;
-      gemm(false, true, bq, bk, D, q_i, ld, k_j, ld, 0.0f, p, bk);
-      if (c == kPartial)
-        apply_mask(g, pairs.typed_data(), offset_class.typed_data(), b, i, j, p, bias);
-      for (int64_t r = 0; r < bq; ++r) {
-        float* pr = p + r * bk;
-        const float lr = lse_i[r];
+    for (int64_t j = 0; j < g.nk(); ++j) {
+      std::fill(dk_j, dk_j + 2 * bk * D, 0.0f);
+      const float* k_j = K + ((b * g.S + j * bk) * g.H + h) * D;
+      const float* v_j = V + ((b * g.S + j * bk) * g.H + h) * D;
+      for (int64_t i = 0; i < g.nq(); ++i) {
+        const uint8_t c = cls[(b * g.nq() + i) * g.nk() + j];
+        if (c == kSkip) continue;
+        const float* q_i = Q + ((b * g.T + i * bq) * g.H + h) * D;
+        const float* do_i = DO + ((b * g.T + i * bq) * g.H + h) * D;
+        const float* lse_i = LSE + (b * g.H + h) * g.T + i * bq;
+        const float* delta_i = DELTA + (b * g.H + h) * g.T + i * bq;
+        gemm(false, true, bq, bk, D, q_i, ld, k_j, ld, 0.0f, p, bk);
+        if (c == kPartial)
+          apply_mask(g, pairs.typed_data(), offset_class.typed_data(), b, i, j, p, bias);
+        for (int64_t r = 0; r < bq; ++r) {
+          float* pr = p + r * bk;
+          const float lr = lse_i[r];
 #pragma omp simd
-        for (int64_t x = 0; x < bk; ++x) pr[x] = exp_nonpositive(pr[x] - lr);
-      }
-      gemm(true, false, bk, D, bq, p, bk, do_i, ld, 1.0f, dv_j, D);        // dv += p^T do
-      gemm(false, true, bq, bk, D, do_i, ld, v_j, ld, 0.0f, ds, bk);       // dp = do v^T
-      for (int64_t r = 0; r < bq; ++r) {
-        const float dr = delta_i[r];
-        float *dsr = ds + r * bk, *pr = p + r * bk;
+          for (int64_t x = 0; x < bk; ++x) pr[x] = exp_nonpositive(pr[x] - lr);
+        }
+        gemm(true, false, bk, D, bq, p, bk, do_i, ld, 1.0f, dv_j, D);        // dv += p^T do
+        gemm(false, true, bq, bk, D, do_i, ld, v_j, ld, 0.0f, ds, bk);       // dp = do v^T
+        for (int64_t r = 0; r < bq; ++r) {
+          const float dr = delta_i[r];
+          float *dsr = ds + r * bk, *pr = p + r * bk;
 #pragma omp simd
-        for (int64_t x = 0; x < bk; ++x) dsr[x] = pr[x] * (dsr[x] - dr);   // ds = p (dp - delta)
+          for (int64_t x = 0; x < bk; ++x) dsr[x] = pr[x] * (dsr[x] - dr);   // p (dp - delta)
+        }
+        gemm(true, false, bk, D, bq, ds, bk, q_i, ld, 1.0f, dk_j, D);        // dk += ds^T q
+        gemm(false, false, bq, D, bk, ds, bk, k_j, ld, 0.0f, dq_i, D);       // dq_i = ds k
+        for (int64_t r = 0; r < bq; ++r) {
+          float* dst = DQ + ((b * g.T + i * bq + r) * g.H + h) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] += dq_i[r * D + d];
+        }
       }
-      gemm(true, false, bk, D, bq, ds, bk, q_i, ld, 1.0f, dk_j, D);        // dk += ds^T q
-      gemm(false, false, bq, D, bk, ds, bk, k_j, ld, 0.0f, dq_i, D);       // dq_i = ds k
-      std::lock_guard<std::mutex> lock(dq_locks[(b * g.H + h) * g.nq() + i]);
-      for (int64_t r = 0; r < bq; ++r) {
-        float* dst = DQ + ((b * g.T + i * bq + r) * g.H + h) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] += dq_i[r * D + d];
+      for (int64_t r = 0; r < bk; ++r) {
+        const int64_t at = ((b * g.S + j * bk + r) * g.H + h) * D;
+        std::memcpy(DK + at, dk_j + r * D, D * sizeof(float));
+        std::memcpy(DV + at, dv_j + r * D, D * sizeof(float));
       }
-    }
-    for (int64_t r = 0; r < bk; ++r) {
-      const int64_t at = ((b * g.S + j * bk + r) * g.H + h) * D;
-      std::memcpy(DK + at, dk_j + r * D, D * sizeof(float));
-      std::memcpy(DV + at, dv_j + r * D, D * sizeof(float));
     }
   });
   return ffi::Error::Success();
