@@ -222,6 +222,8 @@ def main(argv=None):
     if backend == "blockwise" and cfg.attention.blockwise_cpu_kernel and \
             attention_cpu.usable(cfg.dtype):
         backend = "blockwise, CPU kernel"
+        print(f"blockwise attention: the native CPU kernel, OpenBLAS {attention_cpu.blas_core()} "
+              "SGEMMs")
     sec, comp, jax_peak, profile = jax_step_seconds(train_cfg, batch, mesh_sizes, args.repeats,
                                                     args.profile)
     layers = "unrolled" if args.unrolled else "scan"
