@@ -357,8 +357,7 @@ def _flash_fwd(q, k, v, qm, km, L, tile_q, tile_k, group, kernel):
         pairs = _block_pairs(qma, kma, L)
         o, lse = attention_cpu.forward(qa, ka, va, pairs, _offset_classes(L)[1], L, tile_q,
                                        tile_k)
-        return _restore(o, q_order, L, t).astype(q.dtype), (qa, ka, va, pairs, o, lse, q_order,
-                                                            kv_order)
+        return _restore(o, q_order, L, t), (qa, ka, va, pairs, o, lse, q_order, kv_order)
     table = _tile_table(qma, kma, L, tile_q, tile_k)
     o, lse = _flash_forward(qa, ka, va, qma, kma, table, L, tile_q * L, tile_k * L, group)
     out = _restore(_untile(o), q_order, L, t)
@@ -427,6 +426,7 @@ def _restored_grads(dq, dk, dv, q_order, kv_order, L, t, dtype):
 
 
 def _kernel_bwd(L, tile_q, tile_k, res, do):
+    """`_flash_bwd` on the native CPU kernel's residuals."""
     q, k, v, pairs, o, lse, q_order, kv_order = res
     do_a = _arrange(do, q_order, L, tile_q, 0).astype(jnp.float32)  # [B, T', H, D]
     delta = jnp.einsum("bthd,bthd->bht", do_a, o)

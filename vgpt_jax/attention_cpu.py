@@ -42,8 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = pathlib.Path(__file__).parent / "csrc" / "blockwise_attention_cpu.cc"
+# -w: the FFI headers' own warnings would fill a failed build's message, hiding its errors.
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared",
-         "-fPIC")
+         "-fPIC", "-w")
 _FORWARD, _BACKWARD = "vgpt_blockwise_attention_fwd", "vgpt_blockwise_attention_bwd"
 _AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
 log = logging.getLogger(__name__)

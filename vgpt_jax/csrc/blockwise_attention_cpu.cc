@@ -27,6 +27,7 @@
 #include <limits>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -333,34 +334,38 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
 
 extern "C" void vgpt_set_sgemm(void* sgemm) { g_sgemm = reinterpret_cast<Sgemm>(sgemm); }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VgptBlockwiseForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("block_len")
-                                  .Attr<int64_t>("tile_q")
-                                  .Attr<int64_t>("tile_k")
-                                  .Attr<int64_t>("threads")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+namespace {
 
+using F32 = ffi::Buffer<ffi::F32>;
+
+// The operands both handlers start with: q, k, v, pairs, offset_class.
+auto BindTiles() {
+  return ffi::Ffi::Bind()
+      .Arg<F32>()
+      .Arg<F32>()
+      .Arg<F32>()
+      .Arg<ffi::Buffer<ffi::U8>>()
+      .Arg<ffi::Buffer<ffi::S32>>();
+}
+
+// The attributes both handlers take after their operands.
+template <typename Binding>
+auto WithAttrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("block_len")
+      .template Attr<int64_t>("tile_q")
+      .template Attr<int64_t>("tile_k")
+      .template Attr<int64_t>("threads");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VgptBlockwiseForward, Forward,
+                              WithAttrs(BindTiles()).Ret<F32>().Ret<F32>());
+
+// The backward's extra operands: lse, dout, delta.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VgptBlockwiseBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("block_len")
-                                  .Attr<int64_t>("tile_q")
-                                  .Attr<int64_t>("tile_k")
-                                  .Attr<int64_t>("threads")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              WithAttrs(BindTiles().Arg<F32>().Arg<F32>().Arg<F32>())
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>());

@@ -66,7 +66,7 @@ def _matmul(x_NI, w_IO):
     """`x @ w` whose backward computes the weight gradient, then the input gradient. XLA:CPU
     runs the two independent dots at once, and the one that starts beside the other gets one
     core for its whole run: the MLP's input-gradient dot took 37 ms per layer at 48 frames.
-    In sequence each gets both cores (15 ms; the 48-frame step 1387-1443 ms against
+    In sequence each gets both cores (18 ms; the 48-frame step 1381-1443 ms against
     1453-1508, interleaved). Unused gradients are still pruned (a frozen base under LoRA)."""
     return x_NI @ w_IO
 
