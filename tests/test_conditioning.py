@@ -222,14 +222,19 @@ def test_a_condition_kv_without_head_embeddings_is_refused_by_a_modulated_model(
 
 
 @pytest.mark.parametrize("variant", ["per_head", "token_gate", "head_modulation"])
-def test_zero_gates_give_exactly_the_unconditioned_model(variant):
+def test_zero_gates_give_the_unconditioned_model(variant):
+    """Closed gates: the unconditioned model to float32 rounding. Not bitwise: the conditioned
+    graph adds `0 * condition_attention`, exact in itself, but XLA:CPU may then fuse and tile
+    the neighbouring dots differently (on an AVX2 CPU 2 of 8 errors differed in the last bit;
+    on an AVX-512 one none did). A gate that leaks moves the errors by orders more."""
     conditioned = {"per_head": None, "token_gate": token_gated(),
                    "head_modulation": head_modulated()}[variant]
     base, cond = pair(gate=0.0, conditioned=conditioned, gate_proj=0.0, head_out=0.0)
     b = batch()
-    np.testing.assert_array_equal(per_frame_error(cond, b), per_frame_error(base, unconditioned(b)))
-    np.testing.assert_array_equal(per_frame_error(cond, unconditioned(b)),
-                                  per_frame_error(base, unconditioned(b)))
+    unconditioned_error = per_frame_error(base, unconditioned(b))
+    for request in (b, unconditioned(b)):
+        np.testing.assert_allclose(per_frame_error(cond, request), unconditioned_error,
+                                   rtol=1e-6, atol=0)
 
 
 def test_a_zero_token_gate_gives_exactly_the_per_head_gates(models):

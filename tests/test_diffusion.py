@@ -6,7 +6,7 @@ import optax
 import pytest
 from flax import nnx
 
-from vgpt_jax import config, diffusion, layout
+from vgpt_jax import config, diffusion, layout, noise
 from vgpt_jax.model import VideoGPT
 
 
@@ -27,6 +27,20 @@ def test_noising_follows_the_recipe():
     # x_t = t x1 + (1 - t) eps: with x1 = 1 the mean over elements recovers t.
     # The noise mean over 16 elements has std (1 - t) / 4: allow 6 sigma.
     assert np.all(np.abs(noisy.mean((2, 3, 4)) - t_noisy) <= 1.5 * (1 - t_noisy) + 1e-6)
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+@pytest.mark.parametrize("shape,dtype", [((3, 4, 2, 5, 6), jnp.float32),
+                                         ((2, 3, 7), jnp.bfloat16), ((5, 6), jnp.float32)])
+def test_noise_is_jax_random_normal_drawn_over_two_axes(shape, dtype, partitionable):
+    """The training noise's cheaper-to-compile draw gives jax.random.normal's numbers, under
+    either threefry mode (a change here would silently change every seeded run)."""
+    key = jax.random.key(7)
+    with jax.threefry_partitionable(partitionable):
+        got = jax.jit(noise.normal, static_argnums=(1, 2))(key, shape, dtype)
+        want = jax.random.normal(key, shape, dtype)
+    assert got.shape == shape and got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 def test_v_prediction_target_is_the_velocity():

@@ -14,6 +14,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "scripts"))
+import subproc  # noqa: E402
 
 SCRIPT = r"""
 import json
@@ -51,15 +53,19 @@ needs_libtpu = pytest.mark.skipif(not _have_libtpu(), reason="libtpu not install
 
 
 @pytest.fixture(scope="module")
-def plans():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=900, cwd=ROOT)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("PLANS=")]
-    assert proc.returncode == 0 and line, proc.stderr[-4000:]
-    return json.loads(line[0][len("PLANS="):])
+def plans(tmp_path_factory):
+    path, lock = subproc.shared_dir(tmp_path_factory, "tpu_plans.json")
+    with lock():  # the compiles run once per test run, shared by the xdist workers
+        if not path.exists():
+            env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+                       PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            env.pop("XLA_FLAGS", None)
+            proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                                  text=True, timeout=900, cwd=ROOT)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("PLANS=")]
+            assert proc.returncode == 0 and line, proc.stderr[-4000:]
+            path.write_text(line[0][len("PLANS="):])
+    return json.loads(path.read_text())
 
 
 @needs_libtpu

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vgpt_jax import conditioning
+from vgpt_jax import conditioning, noise
 from vgpt_jax import layout as layout_lib
 from vgpt_jax.config import block_len_for
 from vgpt_jax.model import VideoGPT
@@ -88,10 +88,10 @@ def noised_inputs(latents_BFhwc, clip_ids_BF, t_BF, noise_keys, cfg: ObjectiveCo
     t = jnp.broadcast_to(jnp.asarray(t_BF, jnp.float32), (b, f))
     k_eps, k_ctx, k_ctx_eps = noise_keys
     bcast = lambda a: a[:, :, None, None, None]
-    eps = jax.random.normal(k_eps, x1.shape)
+    eps = noise.normal(k_eps, x1.shape)
     noisy = bcast(t) * x1 + (1 - bcast(t)) * eps
     level = cfg.context_noise_beta + cfg.context_noise_gamma_max * jax.random.uniform(k_ctx, (b, f))
-    clean = bcast(level) * x1 + (1 - bcast(level)) * jax.random.normal(k_ctx_eps, x1.shape)
+    clean = bcast(level) * x1 + (1 - bcast(level)) * noise.normal(k_ctx_eps, x1.shape)
     blocks = jnp.stack([noisy, clean], axis=2).reshape(b, 2 * f, *x1.shape[2:])
     t_blocks = jnp.stack([t, level], axis=2).reshape(b, 2 * f)
     return TrainingInputs(blocks, t_blocks, layout_lib.training_layout(clip_ids_BF, block_len),

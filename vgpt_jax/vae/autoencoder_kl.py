@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vgpt_jax import noise
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _DIFFUSERS_VERSION = "0.42.1"  # the diffusers release whose layout this mirrors; written into saved configs
@@ -282,7 +284,7 @@ class AutoencoderKL(nnx.Module):
         mean, logvar = self.encode_moments(x_NHW3)
         if key is None:
             return mean
-        return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+        return mean + jnp.exp(0.5 * logvar) * noise.normal(key, mean.shape, mean.dtype)
 
     def decode(self, z_NhwC):
         """[N, h, w, latent] -> [N, h*d, w*d, out], nominally in [-1, 1] (not clipped)."""
@@ -293,7 +295,7 @@ class AutoencoderKL(nnx.Module):
     def __call__(self, x_NHW3, key=None):
         """Reconstruction and posterior: (recon [N,H,W,out], mean, logvar)."""
         mean, logvar = self.encode_moments(x_NHW3)
-        z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+        z = mean if key is None else mean + jnp.exp(0.5 * logvar) * noise.normal(key, mean.shape, mean.dtype)
         return self.decode(z), mean, logvar
 
     # ------------------------------------------------------------------------------------ diffusers I/O

@@ -306,13 +306,15 @@ def vae_batch_fns():
     import jax.numpy as jnp
     from flax import nnx
 
+    from vgpt_jax import noise
+
     @functools.partial(jax.jit, static_argnums=(0, 6))
     def encode_batch(graphdef, state, x_u8, key, scale, shift, dtype, noise_scale):
         m = nnx.merge(graphdef, state)
         x = (x_u8.astype(jnp.float32) / 127.5 - 1.0).astype(dtype)
         mean, logvar = m.encode_moments(x)
         # noise_scale 0 (mean) or 1 (sample) is traced, so both modes share one compilation.
-        eps = jax.random.normal(key, mean.shape, jnp.float32)
+        eps = noise.normal(key, mean.shape, jnp.float32)
         z = mean.astype(jnp.float32) + noise_scale * jnp.exp(0.5 * logvar.astype(jnp.float32)) * eps
         return (z - shift) * scale
 
