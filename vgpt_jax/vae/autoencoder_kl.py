@@ -260,6 +260,13 @@ class Decoder(nnx.Module):
         return self.conv_out(nnx.silu(self.conv_norm_out(x)))
 
 
+def _posterior_sample(mean, logvar, key):
+    """The posterior mean (key None) or a reparameterised sample, mean + sigma * eps."""
+    if key is None:
+        return mean
+    return mean + jnp.exp(0.5 * logvar) * noise.normal(key, mean.shape, mean.dtype)
+
+
 class AutoencoderKL(nnx.Module):
     """KL autoencoder. Pixels are NHWC in [-1, 1]; latents `z` are unscaled (scaling is the space's job)."""
 
@@ -281,10 +288,7 @@ class AutoencoderKL(nnx.Module):
 
     def encode(self, x_NHW3, key=None):
         """Posterior mean (key None) or a reparameterised sample, [N, h, w, latent]."""
-        mean, logvar = self.encode_moments(x_NHW3)
-        if key is None:
-            return mean
-        return mean + jnp.exp(0.5 * logvar) * noise.normal(key, mean.shape, mean.dtype)
+        return _posterior_sample(*self.encode_moments(x_NHW3), key)
 
     def decode(self, z_NhwC):
         """[N, h, w, latent] -> [N, h*d, w*d, out], nominally in [-1, 1] (not clipped)."""
@@ -295,8 +299,7 @@ class AutoencoderKL(nnx.Module):
     def __call__(self, x_NHW3, key=None):
         """Reconstruction and posterior: (recon [N,H,W,out], mean, logvar)."""
         mean, logvar = self.encode_moments(x_NHW3)
-        z = mean if key is None else mean + jnp.exp(0.5 * logvar) * noise.normal(key, mean.shape, mean.dtype)
-        return self.decode(z), mean, logvar
+        return self.decode(_posterior_sample(mean, logvar, key)), mean, logvar
 
     # ------------------------------------------------------------------------------------ diffusers I/O
     def save_pretrained(self, folder: str) -> None:
