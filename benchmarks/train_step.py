@@ -31,7 +31,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import measured_matmul_peak, profile_breakdown  # noqa: E402
-from vgpt_jax import attention, attention_cpu, config, layout, sharding, train  # noqa: E402
+from vgpt_jax import (attention, attention_cpu, config, host_memory, layout,  # noqa: E402
+                      sharding, train)
 
 # Stage 4 trains on 320x176 video; the SDXL VAE (8x down) gives 40x22 latent frames.
 MODES = {"16f": dict(frames=16, latent_hw=(16, 16)), "48f": dict(frames=48, latent_hw=(16, 16)),
@@ -169,9 +170,15 @@ def main(argv=None):
     p.add_argument("--profile", metavar="DIR", help="trace the JAX step into DIR (TensorBoard's "
                                                     "profile plugin reads it) and print where "
                                                     "its time goes")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's allocator as it is (default: vgpt_jax.host_memory."
+                        "keep_freed_memory, as the vgpt commands do on the CPU)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-torch-compile", action="store_true")
     args = p.parse_args(argv)
+    # Before JAX starts its CPU client (the PyTorch rows run in the same process, with the same
+    # allocator setting).
+    kept = not args.default_malloc and host_memory.keep_freed_memory()
     if args.cpu_devices > 1:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     mesh_sizes = sharding.parse_mesh(args.mesh)
@@ -212,7 +219,8 @@ def main(argv=None):
 
     peak = measured_matmul_peak(jnp.float32 if args.dtype == "float32" else jnp.bfloat16)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s ({args.dtype})")
+          f"{peak / 1e9:.1f} GFLOP/s ({args.dtype}); freed host memory "
+          f"{'kept (host_memory)' if kept else 'returned (glibc default)'}")
     print(f"model {args.model}: {cfg.num_layers} layers, width {cfg.hidden_size}, "
           f"{cfg.num_heads} heads, MLP {cfg.mlp_dim}, {cfg.num_params() / 1e6:.1f}M params; "
           f"{args.batch} x {f} frames of {h}x{w}, {L} tokens/block, {lay.num_tokens} "

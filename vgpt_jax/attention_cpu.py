@@ -2,8 +2,10 @@
 
 `csrc/blockwise_attention_cpu.cc` computes what the blockwise tile loops compute (forward, and
 the FlashAttention-2 backward from the saved logsumexp) for inputs the blockwise backend has
-already arranged, spreading its (sample, head, tile) work items over every core this process
-may use, each running single-threaded OpenBLAS SGEMMs on whole tiles. It exists because
+already arranged, spreading its (sample, head, tile) work items over as many threads as this
+process may use cores (the calling thread and helpers on XLA's own intra-op pool, so the kernel
+never competes with idle XLA workers for a core), each running single-threaded OpenBLAS SGEMMs
+on whole tiles. It exists because
 XLA:CPU kept the 2 cores of a 48-frame train step about half busy: it runs each tile step's
 small batched dots on one core (docs/results.md, "Where a 48-frame step's time goes").
 

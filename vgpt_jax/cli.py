@@ -29,6 +29,8 @@ import importlib
 import os
 import sys
 
+from vgpt_jax import host_memory
+
 COMMANDS = {
     "demo": "vgpt_jax.commands.demo",
     "make-physics": "vgpt_jax.commands.make_physics_videos",
@@ -108,6 +110,8 @@ def main(argv=None) -> int:
         return 2
     sys.argv[0] = f"vgpt {command}"  # what argparse and absl print as the program name
     _quiet_accelerator_probe()
+    if os.environ.get("JAX_PLATFORMS") == "cpu" and host_memory.enabled():
+        host_memory.keep_freed_memory()  # before JAX starts its CPU client
     try:
         # Imported on demand: `vgpt prepare` should not pay for what `vgpt train` imports.
         code = importlib.import_module(COMMANDS[command]).main(rest) or 0

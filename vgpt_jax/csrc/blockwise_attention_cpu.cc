@@ -4,10 +4,10 @@
 //
 // Why a kernel: XLA:CPU runs each tile loop step's small batched dots on one core and starts
 // big dots beside other ops on one core too, so a 48-frame train step kept its 2 cores about
-// half busy. Here one call spreads its work items over all cores: (sample, head, q tile) rows
-// in the forward, (sample, head) pairs in the backward (so that dq sums in a fixed order), each
-// running single-threaded SGEMMs (OpenBLAS, whose function pointer Python hands in) on whole
-// tiles.
+// half busy. Here one call spreads its work items over all cores (helpers on XLA's own pool):
+// (sample, head, q tile) rows in the forward, (sample, head) pairs in the backward (so that dq
+// sums in a fixed order), each running single-threaded SGEMMs (OpenBLAS, whose function pointer
+// Python hands in) on whole tiles.
 //
 // Inputs are already in the blockwise backend's arranged order (noisy blocks first, padded to
 // whole tiles), in the model's [B, T, H, D] layout, q pre-scaled by 1/sqrt(D). The mask comes
@@ -24,6 +24,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <limits>
 #include <string>
 #include <thread>
@@ -146,19 +148,37 @@ void apply_mask(const Geometry& g, const uint8_t* pairs, const int32_t* offset_c
   }
 }
 
-// Runs fn(thread, item) for item in [0, n) on `threads` threads (this one included), items
-// handed out one at a time so uneven rows (clean history grows along the video) balance.
+// Runs fn(slot, item) for item in [0, n) on up to `threads` threads: this one (slot 0) and
+// threads - 1 helpers scheduled on XLA's own intra-op pool (slots 1..threads-1), items handed out
+// one at a time so uneven rows (clean history grows along the video) balance. Helpers run on
+// XLA's pool rather than on threads started per call, so they never compete for a core with
+// XLA's own workers (as fast on the 2-core build machine: 48 frames, forward 80 vs 82 ms and
+// backward 183 vs 180 ms, the kernel alone). The pool may start a helper late or, while its
+// threads are busy, not before this call ends, so this thread takes whatever is left and waits
+// only for items a helper has claimed; a late helper finds no item and touches nothing but the
+// shared counters, which it keeps alive.
+struct WorkQueue {
+  explicit WorkQueue(int64_t n) : n(n) {}
+  const int64_t n;
+  std::atomic<int64_t> next{0}, done{0}, slots{1};
+  std::function<void(int64_t, int64_t)> fn;  // set until every item is done
+  void run(int64_t slot) {
+    for (int64_t item; (item = next.fetch_add(1)) < n;) {
+      fn(slot, item);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
 template <typename Fn>
-void parallel_for(int64_t n, int64_t threads, Fn fn) {
+void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t threads, Fn fn) {
+  auto queue = std::make_shared<WorkQueue>(n);
+  queue->fn = fn;
   threads = std::max<int64_t>(1, std::min(threads, n));
-  std::atomic<int64_t> next{0};
-  auto work = [&](int64_t t) {
-    for (int64_t item; (item = next.fetch_add(1)) < n;) fn(t, item);
-  };
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
-  work(0);
-  for (auto& th : pool) th.join();
+  for (int64_t h = 1; h < threads; ++h)
+    pool.Schedule([queue] { queue->run(queue->slots.fetch_add(1)); });
+  queue->run(0);
+  while (queue->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 Geometry geometry(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
@@ -195,7 +215,7 @@ ffi::Error check(const Geometry& g, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::U8> pairs, ffi::Buffer<ffi::S32> offset_class,
                    int64_t block_len, int64_t tile_q, int64_t tile_k, int64_t threads,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
@@ -208,7 +228,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   std::vector<std::vector<float>> scratch(std::max<int64_t>(1, threads));
 
   // One item: a (sample, head, q tile) row, online softmax over its visible kv tiles.
-  parallel_for(g.B * g.H * g.nq(), threads, [&](int64_t t, int64_t item) {
+  parallel_for(pool, g.B * g.H * g.nq(), threads, [&](int64_t t, int64_t item) {
     const int64_t i = item % g.nq(), h = (item / g.nq()) % g.H, b = item / (g.nq() * g.H);
     auto& buf = scratch[t];
     buf.resize(bq * bk + bq * D + 2 * bq + bk);
@@ -253,7 +273,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                     ffi::Buffer<ffi::U8> pairs, ffi::Buffer<ffi::S32> offset_class,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                     ffi::Buffer<ffi::F32> delta, int64_t block_len, int64_t tile_q,
@@ -279,7 +299,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
   // thread owns a pair's dq, so its sums run in a fixed order: the gradients are bitwise the
   // same from run to run (the training loop's resume equality relies on it), which finer items
   // sharing dq tiles across threads would not give. With fewer pairs than cores, some idle.
-  parallel_for(g.B * g.H, threads, [&](int64_t t, int64_t item) {
+  parallel_for(pool, g.B * g.H, threads, [&](int64_t t, int64_t item) {
     const int64_t h = item % g.H, b = item / g.H;
     auto& buf = scratch[t];
     buf.resize(2 * bq * bk + 2 * bk * D + bq * D + bk);
@@ -341,6 +361,7 @@ using F32 = ffi::Buffer<ffi::F32>;
 // The operands both handlers start with: q, k, v, pairs, offset_class.
 auto BindTiles() {
   return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
       .Arg<F32>()
       .Arg<F32>()
       .Arg<F32>()
