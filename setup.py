@@ -63,5 +63,5 @@ setup(
     package_data={"vgpt_jax": ["csrc/*.cc"]},
     install_requires=CORE,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["vgpt=vgpt_jax.cli:main"]},
+    entry_points={"console_scripts": ["vgpt=vgpt_jax.cli:entry"]},
 )

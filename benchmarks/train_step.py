@@ -8,7 +8,10 @@ AdamW on an MSE over its hidden states (the decoder is >95% of the FLOPs), eager
 `torch.compile`. Prints tokens/s, achieved GFLOP/s (analytic count, attention counted over the
 keys the mask actually lets each query see), MFU against a matmul peak measured here, the
 JAX / PyTorch ratios, and memory: the compiled JAX step's peak (XLA buffer assignment) and the
-process's peak resident set after each row (cumulative, so rows run JAX first).
+process's peak resident set after each row (cumulative, so rows run JAX first). The benchmark
+runs as `vgpt` runs on the CPU, with glibc backing large blocks with huge pages, the PyTorch
+rows too (`vgpt_jax.host_memory`: it re-runs itself once with the tunable set;
+`--no-huge-pages` leaves glibc's default).
 
     python benchmarks/train_step.py --model small --frames 16 --latent 16 --batch 1
     python benchmarks/train_step.py --layers 8 --width 512 --heads 8 --mlp 1536
@@ -170,15 +173,15 @@ def main(argv=None):
     p.add_argument("--profile", metavar="DIR", help="trace the JAX step into DIR (TensorBoard's "
                                                     "profile plugin reads it) and print where "
                                                     "its time goes")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc's allocator as it is (default: vgpt_jax.host_memory."
-                        "keep_freed_memory, as the vgpt commands do on the CPU)")
+    p.add_argument("--no-huge-pages", action="store_true",
+                   help="leave glibc's allocator as it is (default: re-run with "
+                        "vgpt_jax.host_memory's huge pages, as the vgpt commands do on the CPU)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-torch-compile", action="store_true")
     args = p.parse_args(argv)
-    # Before JAX starts its CPU client (the PyTorch rows run in the same process, with the same
-    # allocator setting).
-    kept = not args.default_malloc and host_memory.keep_freed_memory()
+    if not args.no_huge_pages:
+        host_memory.restart_with_huge_pages()
+    huge = host_memory.TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
     if args.cpu_devices > 1:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     mesh_sizes = sharding.parse_mesh(args.mesh)
@@ -219,8 +222,8 @@ def main(argv=None):
 
     peak = measured_matmul_peak(jnp.float32 if args.dtype == "float32" else jnp.bfloat16)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s ({args.dtype}); freed host memory "
-          f"{'kept (host_memory)' if kept else 'returned (glibc default)'}")
+          f"{peak / 1e9:.1f} GFLOP/s ({args.dtype}); large host blocks on "
+          f"{'huge pages (host_memory)' if huge else '4 KiB pages (glibc default)'}")
     print(f"model {args.model}: {cfg.num_layers} layers, width {cfg.hidden_size}, "
           f"{cfg.num_heads} heads, MLP {cfg.mlp_dim}, {cfg.num_params() / 1e6:.1f}M params; "
           f"{args.batch} x {f} frames of {h}x{w}, {L} tokens/block, {lay.num_tokens} "

@@ -1,6 +1,6 @@
 """`python -m vgpt_jax <command>`: the same as the `vgpt` console script."""
 import sys
 
-from vgpt_jax.cli import main
+from vgpt_jax.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

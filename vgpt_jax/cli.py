@@ -110,8 +110,6 @@ def main(argv=None) -> int:
         return 2
     sys.argv[0] = f"vgpt {command}"  # what argparse and absl print as the program name
     _quiet_accelerator_probe()
-    if os.environ.get("JAX_PLATFORMS") == "cpu" and host_memory.enabled():
-        host_memory.keep_freed_memory()  # before JAX starts its CPU client
     try:
         # Imported on demand: `vgpt prepare` should not pay for what `vgpt train` imports.
         code = importlib.import_module(COMMANDS[command]).main(rest) or 0
@@ -135,5 +133,16 @@ def main(argv=None) -> int:
         return 1
 
 
+def entry() -> int:
+    """The `vgpt` console script and `python -m vgpt_jax`: `main` in a process whose allocator
+    backs large blocks with huge pages where JAX runs on the CPU (`vgpt_jax.host_memory`: the
+    process re-runs itself once with the glibc tunable set). Not in `main`, which tests and
+    scripts call in their own processes."""
+    _quiet_accelerator_probe()
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
+        host_memory.restart_with_huge_pages()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
