@@ -3,11 +3,10 @@
 `csrc/blockwise_attention_cpu.cc` computes what the blockwise tile loops compute (forward, and
 the FlashAttention-2 backward from the saved logsumexp) for inputs the blockwise backend has
 already arranged, spreading its (sample, head, tile) work items over as many threads as this
-process may use cores (the calling thread and helpers on XLA's own intra-op pool, so the kernel
-never competes with idle XLA workers for a core), each running single-threaded OpenBLAS SGEMMs
-on whole tiles. It exists because
-XLA:CPU kept the 2 cores of a 48-frame train step about half busy: it runs each tile step's
-small batched dots on one core (docs/results.md, "Where a 48-frame step's time goes").
+process may use cores (the calling thread and helpers on XLA's own intra-op pool, not threads
+started per call), each running single-threaded OpenBLAS SGEMMs on whole tiles. It exists
+because XLA:CPU kept the 2 cores of a 48-frame train step about half busy: it runs each tile
+step's small batched dots on one core (docs/results.md, "Where a 48-frame step's time goes").
 
 When it is used (`available()` and `usable()`): the CPU backend, a single JAX device (under a
 mesh or `shard_map` of several, the pure-JAX loops run: XLA knows how to partition those, not

@@ -25,8 +25,8 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <memory>
 #include <limits>
+#include <memory>
 #include <string>
 #include <thread>
 #include <utility>
@@ -215,9 +215,10 @@ ffi::Error check(const Geometry& g, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::U8> pairs, ffi::Buffer<ffi::S32> offset_class,
-                   int64_t block_len, int64_t tile_q, int64_t tile_k, int64_t threads,
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> pairs,
+                   ffi::Buffer<ffi::S32> offset_class, int64_t block_len, int64_t tile_q,
+                   int64_t tile_k, int64_t threads,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   const Geometry g = geometry(q, k, pairs, block_len, tile_q, tile_k);
   if (auto e = check(g, q, k, v, pairs, offset_class, threads); e.failure()) return e;
@@ -273,8 +274,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::U8> pairs, ffi::Buffer<ffi::S32> offset_class,
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> pairs,
+                    ffi::Buffer<ffi::S32> offset_class,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                     ffi::Buffer<ffi::F32> delta, int64_t block_len, int64_t tile_q,
                     int64_t tile_k, int64_t threads, ffi::ResultBuffer<ffi::F32> dq,
