@@ -53,8 +53,8 @@ def test_restart_sets_the_tunable_once():
     env = {k: v for k, v in subproc.env(1).items() if k != "GLIBC_TUNABLES"}
     env["GLIBC_TUNABLES"] = "glibc.malloc.arena_max=4"  # kept beside ours
     code = ("import os, sys; print('START', flush=True); from vgpt_jax import host_memory; "
-            "host_memory.restart_with_huge_pages(); print('TUNABLES', os.environ['GLIBC_TUNABLES'], "
-            "sys.argv[1:])")
+            "host_memory.restart_with_huge_pages(); "
+            "print('TUNABLES', os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
     done = subprocess.run([sys.executable, "-c", code, "x", "--y"], env=env, cwd=subproc.ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

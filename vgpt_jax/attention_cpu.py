@@ -7,8 +7,9 @@ process may use cores (the calling thread and helpers on XLA's own intra-op pool
 started per call), each running single-threaded OpenBLAS SGEMMs on whole tiles where every
 pair is visible and, in the others, on the rectangles of query blocks that see the same span of
 key blocks (so a partial tile costs its visible blocks, not its area: 3x less work for the
-main job's 576 tokens, where the tile loops compute whole tiles). It exists because XLA:CPU kept the 2 cores of a 48-frame train step about half busy: it runs each tile
-step's small batched dots on one core (docs/results.md, "Where a 48-frame step's time goes").
+main job's 576 tokens, where the tile loops compute whole tiles). It exists because XLA:CPU
+kept the 2 cores of a 48-frame train step about half busy: it runs each tile step's small
+batched dots on one core (docs/results.md, "Where a 48-frame step's time goes").
 
 When it is used (`available()` and `usable()`): the CPU backend, a single JAX device (under a
 mesh or `shard_map` of several, the pure-JAX loops run: XLA knows how to partition those, not

@@ -12,8 +12,9 @@ kernel for transparent huge pages (`madvise(MADV_HUGEPAGE)`) on the blocks it ma
 fault, 360 to 1000 faults per step. Memory is still returned to the system as before.
 
 Measured on that machine (AMD EPYC Zen 4, 2 cores, transparent huge pages in `madvise` mode;
-median of 30 steps for the main job, mean of 6 at 48 frames; runs back to back): the main job's step 415 / 376 ms -> 362 / 318 ms; 48 frames
-`small` 2796 -> 2416 ms (scanned layers), 2487 -> 2416 ms (unrolled). Tried first and not kept:
+median of 30 steps for the main job, mean of 6 at 48 frames; runs back to back): the main job's
+step 415 / 376 ms -> 362 / 318 ms; 48 frames `small` 2796 -> 2416 ms (scanned layers),
+2487 -> 2416 ms (unrolled). Tried first and not kept:
 keeping freed memory in the process (`mallopt`: one arena, no `mmap`, no trimming) removed the
 faults too, but fragmented the heap: the 80-frame stage-4 step's resident set grew from 6.95 to
 12.6 GB and its step from 41.7 to 48.3 s.

@@ -46,7 +46,6 @@ using Sgemm = void (*)(int order, int trans_a, int trans_b, int m, int n, int k,
 Sgemm g_sgemm = nullptr;
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 constexpr float kNeg = -1e30f;  // the running max's start (finite: exp(m - m_new) is never NaN)
-constexpr uint8_t kSkip = 0, kPartial = 1, kFull = 2;
 
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
@@ -110,62 +109,48 @@ struct Span {
   bool operator==(const Span& o) const { return lo == o.lo && hi == o.hi && full == o.full; }
 };
 
-// Which parts of which tiles a call computes, from the block-pair table.
+// Per sample, query block and kv tile ([B, NBq, nk]): the span of key blocks it sees, from the
+// block-pair table.
 struct Visibility {
-  std::vector<uint8_t> cls;  // [B, nq, nk]: SKIP, PARTIAL or FULL per sample and tile pair
-  std::vector<Span> spans;   // [B, NBq, nk]: per sample, query block and kv tile
+  std::vector<Span> spans;
   const Span& span(const Geometry& g, int64_t b, int64_t a, int64_t j) const {
     return spans[(b * g.nbq() + a) * g.nk() + j];
   }
 };
 
 Visibility visibility(const Geometry& g, const uint8_t* pairs) {
-  Visibility vis{std::vector<uint8_t>(g.B * g.nq() * g.nk()),
-                 std::vector<Span>(g.B * g.nbq() * g.nk())};
+  Visibility vis{std::vector<Span>(g.B * g.nbq() * g.nk())};
   const int64_t rr = g.R * g.R;
-  std::vector<uint8_t> any(g.tile_k), all(g.tile_k);
+  const auto nonzero = [](uint8_t x) { return x != 0; };
+  std::vector<uint8_t> all(g.tile_k);  // per key block of the tile: every pair visible
   for (int64_t b = 0; b < g.B; ++b)
     for (int64_t j = 0; j < g.nk(); ++j)
       for (int64_t a = 0; a < g.nbq(); ++a) {
         int32_t lo = -1, hi = -1;
         for (int64_t cb = 0; cb < g.tile_k; ++cb) {
           const uint8_t* p = pairs + ((b * g.nbq() + a) * g.nbk() + j * g.tile_k + cb) * rr;
-          any[cb] = std::any_of(p, p + rr, [](uint8_t x) { return x != 0; });
-          all[cb] = std::all_of(p, p + rr, [](uint8_t x) { return x != 0; });
-          if (any[cb]) hi = int32_t(cb) + 1, lo = lo < 0 ? int32_t(cb) : lo;
+          all[cb] = std::all_of(p, p + rr, nonzero);
+          if (std::any_of(p, p + rr, nonzero)) hi = int32_t(cb) + 1, lo = lo < 0 ? int32_t(cb) : lo;
         }
-        Span& s = vis.spans[(b * g.nbq() + a) * g.nk() + j];
-        if (lo >= 0) s = Span{lo, hi, std::all_of(all.begin() + lo, all.begin() + hi,
-                                                  [](uint8_t x) { return x != 0; })};
-      }
-  for (int64_t b = 0; b < g.B; ++b)
-    for (int64_t i = 0; i < g.nq(); ++i)
-      for (int64_t j = 0; j < g.nk(); ++j) {
-        bool seen = false, whole = true;
-        for (int64_t a = i * g.tile_q; a < (i + 1) * g.tile_q; ++a) {
-          const Span& s = vis.span(g, b, a, j);
-          seen |= s.hi > s.lo;
-          whole &= s.full && s.lo == 0 && s.hi == g.tile_k;
-        }
-        vis.cls[(b * g.nq() + i) * g.nk() + j] = whole ? kFull : (seen ? kPartial : kSkip);
+        if (lo >= 0)
+          vis.spans[(b * g.nbq() + a) * g.nk() + j] =
+              Span{lo, hi, std::all_of(all.begin() + lo, all.begin() + hi, nonzero)};
       }
   return vis;
 }
 
 // The rectangles of tile (i, j) of sample b that hold visible pairs, as fn(first query block,
-// query blocks, first key block, key blocks, masked), in blocks from the tile's start: the whole
-// tile, unmasked, where every pair is visible; else each run of query blocks that see the same
-// key span, over that span only. A rectangle is masked only where some pair in it is hidden.
-// In the block-causal layout most spans are whole visible blocks (a noisy block against itself,
-// a query against the clean blocks before it), so partial tiles cost their visible pairs rather
-// than their area (the main job's 576 tokens see a third of the area of their visible tiles;
-// 16 frames of 16x16 latents 62%, 48 frames 85%).
+// query blocks, first key block, key blocks, masked), in blocks from the tile's start: each run
+// of query blocks that see the same key span, over that span only, masked only where some pair
+// in it is hidden. A tile whose pairs are all visible is thus one unmasked rectangle (one SGEMM
+// per product), and a tile with none visible is skipped. In the block-causal layout most spans
+// are whole visible blocks (a noisy block against itself, a query against the clean blocks
+// before it), so partial tiles cost their visible pairs rather than their area (the main job's
+// 576 tokens see a third of the area of their visible tiles; 16 frames of 16x16 latents 62%,
+// 48 frames 85%).
 template <typename Fn>
 void for_each_rectangle(const Geometry& g, const Visibility& vis, int64_t b, int64_t i,
                         int64_t j, Fn fn) {
-  const uint8_t c = vis.cls[(b * g.nq() + i) * g.nk() + j];
-  if (c == kFull) return fn(0, g.tile_q, 0, g.tile_k, false);
-  if (c == kSkip) return;
   for (int64_t qb = 0; qb < g.tile_q;) {
     const Span& s = vis.span(g, b, i * g.tile_q + qb, j);
     int64_t run = 1;
